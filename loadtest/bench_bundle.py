@@ -1,0 +1,98 @@
+"""Bundle throughput in-process: fp32 vs INT8 (or any bundles) in ONE run, plus their label agreement.
+
+    python -m loadtest.bench_bundle --bundle models/demo --bundle models/demo-int8 --images tests/data/xray
+
+Images are prepared once (decode is not timed here: this measures the graphs). Writes JSON and Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import load_bundle
+from service.engine import Engine
+from service.pipeline import predict_batch
+from service.preprocessing import prepare_image_file
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def measure(engine: Engine, images: np.ndarray, batch_size: int, seconds: float) -> float:
+    """Images per second through predict_batch at one batch size, best of 3 windows."""
+    batch = np.resize(images, (batch_size, *images.shape[1:]))
+    predict_batch(engine, batch)  # warm-up
+    rates = []
+    for _ in range(3):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            predict_batch(engine, batch)
+            done += batch_size
+        rates.append(done / (time.perf_counter() - start))
+    return max(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, action="append", required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=6.0, help="per bundle and batch size")
+    parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
+    args = parser.parse_args()
+
+    bundles = [load_bundle(path) for path in args.bundle]
+    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    resize = bundles[0].manifest.input.resize
+    images = np.stack([prepare_image_file(p, resize=resize).pixels for p in paths])
+    results: dict[str, dict] = {}
+    for bundle in bundles:
+        engine = Engine(bundle, providers=["cpu"])
+        rates = {b: measure(engine, images, b, args.seconds) for b in args.batch_sizes}
+        answers = predict_batch(engine, images)
+        results[str(bundle.root)] = {
+            "precision": bundle.manifest.precision,
+            "graph": bundle.manifest.graph.form,
+            "images_per_second": rates,
+            "answers": [(a.body_part, a.p_fractured) for a in answers],
+        }
+    base_key = str(bundles[0].root)
+    base = results[base_key]
+    lines = [
+        "| bundle | precision | "
+        + " | ".join(f"batch {b} img/s" for b in args.batch_sizes)
+        + " | best vs first | label agreement vs first |",
+        "|---" * (len(args.batch_sizes) + 4) + "|",
+    ]
+    for key, result in results.items():
+        best = max(result["images_per_second"].values()) / max(base["images_per_second"].values())
+        same = statistics.mean(
+            a[0] == b[0] and (a[1] >= 0.5) == (b[1] >= 0.5)
+            for a, b in zip(result["answers"], base["answers"], strict=True)
+        )
+        max_diff = max(abs(a[1] - b[1]) for a, b in zip(result["answers"], base["answers"], strict=True))
+        result["speedup_vs_first"] = best
+        result["agreement_vs_first"] = same
+        result["max_p_fractured_diff_vs_first"] = max_diff
+        rates = " | ".join(f"{result['images_per_second'][b]:.1f}" for b in args.batch_sizes)
+        lines.append(
+            f"| {key} | {result['precision']} | {rates} | {best:.2f}x | {same:.1%} (max ΔP {max_diff:.3f}) |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bundle_throughput.json").write_text(json.dumps(results, indent=2))
+    table = "\n".join(lines)
+    (args.out / "bundle_throughput.md").write_text(
+        f"# Bundle throughput ({len(images)} images from {args.images})\n\n{table}\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

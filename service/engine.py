@@ -1,0 +1,166 @@
+"""onnxruntime sessions for one bundle: synchronous, pure, and unaware of HTTP.
+
+Sessions are created once (at start-up) and then used by ONE inference thread, which is both leaner and
+fairer than many threads sharing a session (see shared PEERS.md). The engine exposes the graphs as the
+manifest describes them; `service.pipeline` does the routing on top.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from service.bundle import Bundle, FusedGraph, SplitGraph
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+AUTO_ORDER = ("cuda", "cpu")
+
+
+class EngineError(RuntimeError):
+    """The bundle's graphs cannot be run with the requested providers."""
+
+
+def choose_providers(requested: Sequence[str] | None) -> list[str]:
+    """Providers in priority order, intersected with what this onnxruntime build offers.
+
+    None or ["auto"] means CUDA where available, else CPU (TensorRT only when asked, since its engine build
+    takes minutes on first start). CPU is always appended as the fallback.
+    """
+    available = set(ort.get_available_providers())
+    names = (
+        list(AUTO_ORDER) if not requested or list(requested) == ["auto"] else [r.lower() for r in requested]
+    )
+    unknown = [name for name in names if name not in PROVIDER_NAMES]
+    if unknown:
+        raise EngineError(f"unknown providers {unknown}; choose from {sorted(PROVIDER_NAMES)} or 'auto'")
+    chosen = [PROVIDER_NAMES[n] for n in names if PROVIDER_NAMES[n] in available]
+    for name in names:
+        if PROVIDER_NAMES[name] not in available and requested and list(requested) != ["auto"]:
+            log.warning("provider %s requested but not available in this onnxruntime build", name)
+    if PROVIDER_NAMES["cpu"] not in chosen:
+        chosen.append(PROVIDER_NAMES["cpu"])
+    return chosen
+
+
+def default_intra_op_threads() -> int:
+    """All cores this process may use: the decode pool is sized against this (see service.settings)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class FusedOutputs:
+    body_part_probs: np.ndarray  # (N, P) float32
+    p_fractured: np.ndarray  # (N, P) float32
+    feature_map: np.ndarray | None  # (N, 7, 7, 2048) float32 when asked for
+
+
+class Engine:
+    """The bundle's ONNX graphs as sessions."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        self.bundle = bundle
+        manifest = bundle.manifest
+        self.body_parts = list(manifest.body_parts)
+        self.input_name = manifest.input.name
+        self.requested_providers = choose_providers(providers)
+        self.intra_op_threads = intra_op_threads or default_intra_op_threads()
+        graph = manifest.graph
+        self.graph: FusedGraph | SplitGraph = graph
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        if isinstance(graph, FusedGraph):
+            self._sessions["fused"] = self._open(graph.file)
+        else:
+            self._sessions["router"] = self._open(graph.router)
+            for part in self.body_parts:
+                self._sessions[f"specialist/{part}"] = self._open(graph.specialists[part])
+        self.active_providers = next(iter(self._sessions.values())).get_providers()
+        log.info(
+            "bundle %s %s (%s, %s graph) on %s with %d intra-op threads",
+            manifest.name,
+            manifest.version,
+            manifest.precision,
+            graph.form,
+            self.active_providers[0],
+            self.intra_op_threads,
+        )
+
+    @property
+    def fused(self) -> bool:
+        return isinstance(self.graph, FusedGraph)
+
+    @property
+    def active_provider(self) -> str:
+        return self.active_providers[0]
+
+    def _open(self, name: str) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        path = self.bundle.path(name)
+        try:
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=self.requested_providers
+            )
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise EngineError(f"{path}: onnxruntime cannot load this graph ({error})") from error
+        inputs = [i.name for i in session.get_inputs()]
+        if inputs != [self.input_name]:
+            raise EngineError(f"{path}: graph inputs {inputs}, manifest says [{self.input_name!r}]")
+        return session
+
+    def _check(self, images: np.ndarray) -> None:
+        contract = self.bundle.manifest.input
+        expected = (contract.height, contract.width, contract.channels)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(
+                f"expected (N, {expected[0]}, {expected[1]}, 3) uint8, got {images.shape} {images.dtype}"
+            )
+
+    def run_fused(self, images: np.ndarray, *, feature_map: bool = False) -> FusedOutputs:
+        """(N, 224, 224, 3) uint8 -> every head's answer from one backbone pass."""
+        self._check(images)
+        graph = self.graph
+        assert isinstance(graph, FusedGraph)
+        names = [graph.body_part_probs, graph.p_fractured] + ([graph.feature_map] if feature_map else [])
+        outputs = self._sessions["fused"].run(names, {self.input_name: images})
+        return FusedOutputs(outputs[0], outputs[1], outputs[2] if feature_map else None)
+
+    def run_router(self, images: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 -> (N, P) body-part probabilities (split form)."""
+        self._check(images)
+        graph = self.graph
+        assert isinstance(graph, SplitGraph)
+        return self._sessions["router"].run([graph.body_part_probs], {self.input_name: images})[0]
+
+    def run_specialist(
+        self, part: str, images: np.ndarray, *, feature_map: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, 224, 224, 3) uint8 -> (N,) P(fractured) and optionally (N, 7, 7, 2048) (split form)."""
+        self._check(images)
+        graph = self.graph
+        assert isinstance(graph, SplitGraph)
+        names = [graph.p_fractured] + ([graph.feature_map] if feature_map else [])
+        outputs = self._sessions[f"specialist/{part}"].run(names, {self.input_name: images})
+        return outputs[0][:, 0], (outputs[1] if feature_map else None)
