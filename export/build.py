@@ -111,14 +111,10 @@ def _write_fp32(model_set: ModelSet, root: Path, options: ExportOptions) -> Mani
     graph: FusedGraph | SplitGraph
     if form == "fused":
         graph = FusedGraph(file="model.onnx")
-        convert(
-            fused_keras_model(model_set), ["body_part_probs", "p_fractured", "feature_map"], root / graph.file
-        )
+        convert(fused_keras_model(model_set), ["body_part_probs", "p_fractured", "feature_map"], root / graph.file)
         max_diff = verify_fused(root / graph.file, reference, images)
     else:
-        graph = SplitGraph(
-            router="router.onnx", specialists={p: f"specialist_{p}.onnx" for p in model_set.parts}
-        )
+        graph = SplitGraph(router="router.onnx", specialists={p: f"specialist_{p}.onnx" for p in model_set.parts})
         convert(model_set.router, ["body_part_probs"], root / graph.router)
         max_diff = verify_router(root / graph.router, reference, images)
         for index, part in enumerate(model_set.parts):
@@ -136,9 +132,7 @@ def _write_fp32(model_set: ModelSet, root: Path, options: ExportOptions) -> Mani
         source=Source(
             kind=model_set.kind,
             files=[
-                FileEntry(
-                    path=p.name, sha256=file_entry(p.parent, p.name).sha256, size_bytes=p.stat().st_size
-                )
+                FileEntry(path=p.name, sha256=file_entry(p.parent, p.name).sha256, size_bytes=p.stat().st_size)
                 for p in model_set.source_files
             ],
             backbone_weights=model_set.backbone_weights,

@@ -12,14 +12,10 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--keras-dir", type=Path, help="a `bfd train` run, or the original project's H5 files"
-    )
+    source.add_argument("--keras-dir", type=Path, help="a `bfd train` run, or the original project's H5 files")
     source.add_argument("--demo", action="store_true", help="untrained heads (never a result: trained=false)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write, e.g. models/demo")
-    parser.add_argument(
-        "--weights", default="none", help="demo backbone: 'none', 'imagenet' or a weights file"
-    )
+    parser.add_argument("--weights", default="none", help="demo backbone: 'none', 'imagenet' or a weights file")
     parser.add_argument("--parts", nargs="+", default=["elbow", "hand", "shoulder"], help="demo body parts")
     parser.add_argument("--name", help="bundle name (default: the folder's name)")
     parser.add_argument("--version", help="bundle version (default: date + graph hash)")
@@ -29,13 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: fused when all backbones are identical, else split",
     )
-    parser.add_argument(
-        "--verify-images", type=int, default=8, help="random images for the ONNX check (>= 8)"
-    )
+    parser.add_argument("--verify-images", type=int, default=8, help="random images for the ONNX check (>= 8)")
     parser.add_argument("--int8", action="store_true", help="static INT8 quantization (needs --calibration)")
-    parser.add_argument(
-        "--calibration", type=Path, help="folder of PNG/JPEG radiographs for INT8 calibration"
-    )
+    parser.add_argument("--calibration", type=Path, help="folder of PNG/JPEG radiographs for INT8 calibration")
     parser.add_argument(
         "--min-agreement",
         type=float,
@@ -94,8 +86,5 @@ def run(args: argparse.Namespace) -> int:
         f"verified max abs diff {manifest.verification.max_abs_diff:.2e})"
     )
     if not manifest.trained:
-        print(
-            "WARNING: untrained heads: this bundle's answers are meaningless "
-            "and must never be presented as results."
-        )
+        print("WARNING: untrained heads: this bundle's answers are meaningless and must never be presented as results.")
     return 0

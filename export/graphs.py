@@ -48,10 +48,7 @@ def fused_keras_model(model_set: ModelSet) -> keras.Model:
     image = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype="uint8", name=INPUT_NAME)
     fmap, pooled = feature_map_model(backbone_of(model_set.router))(CaffePreprocessing()(image))
     body = _renamed_head(model_set.router, "head_router")(pooled)
-    columns = [
-        _renamed_head(model_set.specialists[p], f"head_specialist_{p}")(pooled)[:, :1]
-        for p in model_set.parts
-    ]
+    columns = [_renamed_head(model_set.specialists[p], f"head_specialist_{p}")(pooled)[:, :1] for p in model_set.parts]
     p_fractured = keras.ops.concatenate(columns, axis=-1)
     return keras.Model(image, [body, p_fractured, fmap], name="fused")
 
@@ -122,9 +119,7 @@ class Reference:
 def reference_outputs(model_set: ModelSet, images: np.ndarray) -> Reference:
     """Run the source models in Keras; checks legacy originals against their canonical copies too."""
     body = model_set.router.predict(images, verbose=0)
-    p_fractured = np.stack(
-        [model_set.specialists[p].predict(images, verbose=0)[:, 0] for p in model_set.parts], axis=1
-    )
+    p_fractured = np.stack([model_set.specialists[p].predict(images, verbose=0)[:, 0] for p in model_set.parts], axis=1)
     caffe = _caffe(images)
     maps = {"router": feature_map_model(backbone_of(model_set.router)).predict(caffe, verbose=0)[0]}
     for part in model_set.parts:
@@ -175,9 +170,7 @@ def verify_router(path: Path, reference: Reference, images: np.ndarray) -> float
     return _compare(f"{path.name}: body_part_probs", body, reference.body_part_probs, PROBABILITY_TOLERANCE)
 
 
-def verify_specialist(
-    path: Path, part_index: int, part: str, reference: Reference, images: np.ndarray
-) -> float:
+def verify_specialist(path: Path, part_index: int, part: str, reference: Reference, images: np.ndarray) -> float:
     p_fractured, fmap = _session(path).run(None, {INPUT_NAME: images})
     expected = reference.p_fractured[:, part_index : part_index + 1]
     diff = _compare(f"{path.name}: p_fractured", p_fractured, expected, PROBABILITY_TOLERANCE)

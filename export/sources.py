@@ -72,8 +72,7 @@ def demo_models(parts: Sequence[str] = DEFAULT_PARTS, weights: str | None = None
     backbone = build_backbone(weights)
     router = build_classifier(len(ordered), backbone=backbone, name="router")
     specialists = {
-        part: build_classifier(len(FRACTURE_LABELS), backbone=backbone, name=f"specialist_{part}")
-        for part in ordered
+        part: build_classifier(len(FRACTURE_LABELS), backbone=backbone, name=f"specialist_{part}") for part in ordered
     }
     return ModelSet(
         parts=ordered,
@@ -184,24 +183,19 @@ def _find_layer(model: keras.Model, name: str) -> keras.layers.Layer | None:
 
 def _canonical_from_legacy(original: keras.Model, n_classes: int, name: str) -> keras.Model:
     """Copy a flat Keras-2 ResNet50+head model's weights into our architecture, layer by layer."""
-    canonical = build_classifier(
-        n_classes, backbone=build_backbone(None), head=build_head(n_classes), name=name
-    )
+    canonical = build_classifier(n_classes, backbone=build_backbone(None), head=build_head(n_classes), name=name)
     for layer in backbone_of(canonical).layers:
         if not layer.weights:
             continue
         source = _find_layer(original, layer.name)
         if source is None:
-            raise SourceError(
-                f"{original.name}: no layer {layer.name!r}; not the original ResNet50 architecture"
-            )
+            raise SourceError(f"{original.name}: no layer {layer.name!r}; not the original ResNet50 architecture")
         layer.set_weights(source.get_weights())
     dense = [layer for layer in _all_layers(original) if isinstance(layer, keras.layers.Dense)]
     ours = [layer for layer in head_of(canonical).layers if isinstance(layer, keras.layers.Dense)]
     if [d.units for d in dense] != [o.units for o in ours]:
         raise SourceError(
-            f"{original.name}: head Dense units {[d.units for d in dense]}, "
-            f"expected {[o.units for o in ours]}"
+            f"{original.name}: head Dense units {[d.units for d in dense]}, expected {[o.units for o in ours]}"
         )
     for source, target in zip(dense, ours, strict=True):
         target.set_weights(source.get_weights())
@@ -219,14 +213,10 @@ def _check_shapes(model_set: ModelSet) -> None:
     expected = {"router": len(model_set.parts)} | {f"specialist/{p}": 2 for p in model_set.parts}
     for key, model in model_set.models().items():
         if _find_layer(model, BACKBONE_NAME) is None:
-            raise SourceError(
-                f"{key}: no nested {BACKBONE_NAME!r} backbone; not built by training.architecture"
-            )
+            raise SourceError(f"{key}: no nested {BACKBONE_NAME!r} backbone; not built by training.architecture")
         got = model.outputs[0].shape[-1]
         if got != expected[key]:
-            raise SourceError(
-                f"{key}: outputs {got} classes, expected {expected[key]} for parts {model_set.parts}"
-            )
+            raise SourceError(f"{key}: outputs {got} classes, expected {expected[key]} for parts {model_set.parts}")
 
 
 def backbones_identical(model_set: ModelSet) -> bool:

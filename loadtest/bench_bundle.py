@@ -38,9 +38,7 @@ def measure(engine: Engine, images: np.ndarray, batch_size: int, seconds: float)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, action="append", required=True)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -82,9 +80,7 @@ def main() -> None:
         result["agreement_vs_first"] = same
         result["max_p_fractured_diff_vs_first"] = max_diff
         rates = " | ".join(f"{result['images_per_second'][b]:.1f}" for b in args.batch_sizes)
-        lines.append(
-            f"| {key} | {result['precision']} | {rates} | {best:.2f}x | {same:.1%} (max ΔP {max_diff:.3f}) |"
-        )
+        lines.append(f"| {key} | {result['precision']} | {rates} | {best:.2f}x | {same:.1%} (max ΔP {max_diff:.3f}) |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bundle_throughput.json").write_text(json.dumps(results, indent=2))
     table = "\n".join(lines)

@@ -106,7 +106,7 @@ class QuantizationReport(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str
     version: str
     created_at: datetime
@@ -127,13 +127,9 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
         if self.body_parts != sorted(set(self.body_parts)):
-            raise ValueError(
-                f"body_parts must be sorted and unique (the router's class order), got {self.body_parts}"
-            )
+            raise ValueError(f"body_parts must be sorted and unique (the router's class order), got {self.body_parts}")
         if set(self.thresholds) != set(self.body_parts):
-            raise ValueError(
-                f"thresholds must name every body part {self.body_parts}, got {sorted(self.thresholds)}"
-            )
+            raise ValueError(f"thresholds must name every body part {self.body_parts}, got {sorted(self.thresholds)}")
         if self.fracture_labels != FRACTURE_LABELS:
             raise ValueError(f"fracture_labels must be {FRACTURE_LABELS}, got {self.fracture_labels}")
         if isinstance(self.graph, SplitGraph) and set(self.graph.specialists) != set(self.body_parts):
@@ -224,14 +220,11 @@ def load_bundle(root: str | Path) -> Bundle:
             raise BundleError(f"{path}: listed in the manifest but missing")
         size = path.stat().st_size
         if size != entry.size_bytes:
-            raise BundleError(
-                f"{path}: size {size} bytes, manifest says {entry.size_bytes}; file corrupt or replaced"
-            )
+            raise BundleError(f"{path}: size {size} bytes, manifest says {entry.size_bytes}; file corrupt or replaced")
         digest = sha256_file(path)
         if digest != entry.sha256:
             raise BundleError(
-                f"{path}: sha256 {digest} does not match the manifest's {entry.sha256}; "
-                "file corrupt or tampered"
+                f"{path}: sha256 {digest} does not match the manifest's {entry.sha256}; file corrupt or tampered"
             )
     return Bundle(root=root, manifest=manifest)
 

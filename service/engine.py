@@ -38,9 +38,7 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     takes minutes on first start). CPU is always appended as the fallback.
     """
     available = set(ort.get_available_providers())
-    names = (
-        list(AUTO_ORDER) if not requested or list(requested) == ["auto"] else [r.lower() for r in requested]
-    )
+    names = list(AUTO_ORDER) if not requested or list(requested) == ["auto"] else [r.lower() for r in requested]
     unknown = [name for name in names if name not in PROVIDER_NAMES]
     if unknown:
         raise EngineError(f"unknown providers {unknown}; choose from {sorted(PROVIDER_NAMES)} or 'auto'")
@@ -120,9 +118,7 @@ class Engine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         path = self.bundle.path(name)
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=self.requested_providers
-            )
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.requested_providers)
         except Exception as error:  # onnxruntime raises its own exception types
             raise EngineError(f"{path}: onnxruntime cannot load this graph ({error})") from error
         inputs = [i.name for i in session.get_inputs()]
@@ -134,9 +130,7 @@ class Engine:
         contract = self.bundle.manifest.input
         expected = (contract.height, contract.width, contract.channels)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(
-                f"expected (N, {expected[0]}, {expected[1]}, 3) uint8, got {images.shape} {images.dtype}"
-            )
+            raise ValueError(f"expected (N, {expected[0]}, {expected[1]}, 3) uint8, got {images.shape} {images.dtype}")
 
     def run_fused(self, images: np.ndarray, *, feature_map: bool = False) -> FusedOutputs:
         """(N, 224, 224, 3) uint8 -> every head's answer from one backbone pass."""

@@ -30,9 +30,7 @@ BACKBONE_NAME = "resnet50"
 HEAD_NAME = "head"
 PREPROCESSING_NAME = "caffe_preprocessing"
 IMAGENET_NOTOP_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_NOTOP_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_NOTOP_FILE
-)
+IMAGENET_NOTOP_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + IMAGENET_NOTOP_FILE
 
 WeightsSpec = str | os.PathLike[str] | None
 
@@ -135,9 +133,7 @@ def build_specialist(
     weights: WeightsSpec = None, *, backbone: keras.Model | None = None, part: str = "part"
 ) -> keras.Model:
     """Fracture classifier for one body part; classes (fractured, normal)."""
-    return build_classifier(
-        len(FRACTURE_LABELS), weights=weights, backbone=backbone, name=f"specialist_{part}"
-    )
+    return build_classifier(len(FRACTURE_LABELS), weights=weights, backbone=backbone, name=f"specialist_{part}")
 
 
 def compile_for_training(model: keras.Model) -> keras.Model:

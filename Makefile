@@ -1,0 +1,43 @@
+# Quick start: `make serve` (set up, build the demo bundle if missing, serve) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUNDLE ?= models/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test lint bundle bench-bundle
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# One environment for the developer loop: the serving install plus the export (TensorFlow) and test extras.
+# The service itself never imports TensorFlow (tests/test_import_boundaries.py); the Dockerfile installs without it.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[export,test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(BUNDLE)/manifest.json: | $(VENV)/.installed
+	$(BIN)/bfd export --demo --out $(BUNDLE)
+
+bundle: $(BUNDLE)/manifest.json
+
+serve: setup bundle
+	$(BIN)/bfd serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy service
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# fp32 vs INT8 throughput of the demo bundle, in one run (figures in loadtest/results/).
+bench-bundle: setup bundle
+	test -f models/demo-int8/manifest.json || $(BIN)/bfd export --demo --int8 --calibration tests/data/xray --out models/demo-int8
+	$(BIN)/python -m loadtest.bench_bundle --bundle $(BUNDLE) --bundle models/demo-int8 --images tests/data/xray

@@ -1,0 +1,241 @@
+"""HTTP routes: thin. Parse and validate the request, hand images to the predictor, map errors."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive
+
+from service.answers import bundle_warnings
+from service.errors import ServiceError
+from service.predictor import Predictor, Upload
+from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
+
+router = APIRouter()
+T = TypeVar("T")
+
+IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg"}
+ACCEPTED_MEDIA_TYPES = {"multipart/form-data", "application/json", *IMAGE_MEDIA_TYPES}
+_DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
+
+
+def get_predictor(request: Request) -> Predictor:
+    predictor: Predictor = request.app.state.predictor
+    return predictor
+
+
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        413: "body over the byte limit, or an image over the pixel limit",
+        415: "unsupported media type or image format",
+        422: "not an image, truncated, empty, malformed JSON/base64/multipart, unknown body part",
+        500: "inference failed for the batch this request was in",
+        503: "queue full (see Retry-After) or shutting down",
+    }.items()
+}
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "body_part": {"type": "string"},
+                    },
+                }
+            },
+            "application/json": {"schema": PredictJSONRequest.model_json_schema()},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+    summary="Body part and fracture answer for one or several radiographs (research use only)",
+)
+async def predict(
+    request: Request,
+    predictor: PredictorDep,
+    body_part: Annotated[str | None, Query(description="skip the router for every image")] = None,
+) -> PredictResponse:
+    settings = predictor.settings
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise ServiceError(
+            415,
+            "unsupported_media_type",
+            f"content-type {media_type or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
+        )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
+        raise _too_large(int(declared), settings.max_upload_bytes)
+    # Admission before the body is read: a refused request costs neither bandwidth nor decoding.
+    tickets = predictor.admit(1)
+    try:
+        body = await _read_body(request.receive, settings.max_upload_bytes)
+        uploads = await _parse(request, media_type, body, body_part, settings.max_images_per_request)
+        tickets += predictor.admit(len(uploads) - 1)
+    except BaseException:
+        for ticket in tickets:
+            ticket.release()
+        raise
+    predictions = await _unless_client_gone(request.receive, predictor.predict(tickets, uploads))
+    return PredictResponse(predictions=predictions)
+
+
+def _too_large(size: int, limit: int) -> ServiceError:
+    return ServiceError(413, "payload_too_large", f"request body is {size} bytes or more; the limit is {limit}")
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole body, refusing as soon as it passes the limit (chunked uploads have no Content-Length)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ServiceError(499, "client_closed_request", "client went away while uploading")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _parse(
+    request: Request, media_type: str, body: bytes, body_part: str | None, max_images: int
+) -> list[Upload]:
+    if media_type == "application/json":
+        return [_parse_json(body, body_part)]
+    if media_type in IMAGE_MEDIA_TYPES:
+        name = request.headers.get("x-image-name", "image")
+        return [Upload(body, name, body_part)]
+    return await _parse_multipart(request, body, body_part, max_images)
+
+
+def _parse_json(body: bytes, body_part: str | None) -> Upload:
+    try:
+        payload = PredictJSONRequest.model_validate_json(body)
+    except ValidationError as error:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+        raise ServiceError(422, "invalid_json", f"invalid JSON request: {reasons}") from error
+    encoded = _DATA_URL.sub("", payload.image.strip())
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ServiceError(422, "invalid_base64", f"field 'image' is not valid base64 ({error})") from error
+    return Upload(data, payload.image_name or "image", payload.body_part or body_part)
+
+
+async def _parse_multipart(request: Request, body: bytes, body_part: str | None, max_images: int) -> list[Upload]:
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=max_images, max_fields=16)
+    except StarletteHTTPException as error:
+        raise ServiceError(422, "invalid_multipart", f"malformed multipart body: {error.detail}") from error
+    try:
+        files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        if not files:
+            raise ServiceError(422, "missing_file", "multipart field 'file' (one or more images) is required")
+        hint = form.get("body_part")
+        hint = hint if isinstance(hint, str) and hint else body_part
+        uploads = []
+        for index, file in enumerate(files):
+            uploads.append(Upload(await file.read(), file.filename or f"image-{index + 1}", hint))
+        return uploads
+    finally:
+        await form.close()
+
+
+async def _unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it if the client disconnects: its queued images are then skipped."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled():
+        raise ServiceError(499, "client_closed_request", "client went away before its answer was ready")
+    return task.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@router.get("/v1/models", response_model=ModelsResponse, summary="The bundle being served")
+async def models(predictor: PredictorDep) -> ModelsResponse:
+    manifest = predictor.manifest
+    settings = predictor.settings
+    return ModelsResponse(
+        name=manifest.name,
+        version=manifest.version,
+        trained=manifest.trained,
+        precision=manifest.precision,
+        graph=manifest.graph.form,
+        body_parts=manifest.body_parts,
+        fracture_labels=list(manifest.fracture_labels),
+        thresholds={part: t.model_dump() for part, t in manifest.thresholds.items()},
+        input=manifest.input.model_dump(),
+        source=manifest.source.model_dump(mode="json"),
+        quantization=None if manifest.quantization is None else manifest.quantization.model_dump(),
+        metrics=manifest.metrics,
+        providers=predictor.engine.active_providers,
+        active_provider=predictor.engine.active_provider,
+        batching={
+            "max_batch_size": settings.max_batch_size,
+            "max_queue_size": settings.max_queue_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "intra_op_threads": predictor.engine.intra_op_threads,
+            "decode_threads": settings.resolved_decode_threads(),
+        },
+        warnings=bundle_warnings(manifest),
+    )
+
+
+@router.get("/healthz", summary="Alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Bundle loaded, warm-up done, not draining")
+async def readyz(request: Request) -> JSONResponse:
+    ready = bool(getattr(request.app.state, "ready", False))
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,64 @@
+"""`bfd serve`: the FastAPI app under uvicorn, one process (one batcher gets the biggest batches)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, help="bundle folder (env BFD_BUNDLE; default models/demo)")
+    parser.add_argument("--host", help="bind address (env BFD_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (env BFD_PORT; default 8000)")
+    parser.add_argument("--providers", help="comma-separated: auto, cuda, tensorrt, cpu (env BFD_PROVIDERS)")
+    parser.add_argument("--max-batch-size", type=int)
+    parser.add_argument("--max-queue-size", type=int)
+    parser.add_argument("--max-wait-ms", type=float)
+    parser.add_argument("--intra-op-threads", type=int)
+    parser.add_argument("--decode-threads", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.bundle import BundleError, load_bundle
+    from service.main import create_app
+    from service.settings import Settings
+
+    overrides = {
+        key: value
+        for key in (
+            "bundle",
+            "host",
+            "port",
+            "providers",
+            "max_batch_size",
+            "max_queue_size",
+            "max_wait_ms",
+            "intra_op_threads",
+            "decode_threads",
+        )
+        if (value := getattr(args, key)) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+        load_bundle(settings.bundle)  # refuse to start on a missing, corrupt or tampered bundle, clearly
+    except ValidationError as error:
+        log.error("invalid settings: %s", error)
+        return 2
+    except BundleError as error:
+        log.error("cannot serve: %s", error)
+        return 2
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=60,
+    )
+    return 0

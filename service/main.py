@@ -1,0 +1,56 @@
+"""The app factory: `create_app(settings)`; the lifespan opens the bundle and starts the batcher."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import router
+from service.bundle import load_bundle
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.predictor import Predictor
+from service.schemas import DISCLAIMER, UNTRAINED_WARNING
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bundle = load_bundle(settings.bundle)
+        if not bundle.manifest.trained:
+            log.warning("%s (bundle %s)", UNTRAINED_WARNING, settings.bundle)
+        predictor = Predictor(bundle, settings, metrics)
+        await predictor.start()
+        app.state.predictor = predictor
+        app.state.ready = True
+        log.info("ready: %s %s on %s", bundle.model_name, bundle.model_version, predictor.engine.active_provider)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await predictor.stop()
+
+    app = FastAPI(
+        title="Bone-fracture detection",
+        summary="Body-part routing then fracture specialists on radiographs.",
+        description=DISCLAIMER,
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    install_error_handlers(app)
+    app.include_router(router)
+    paths = frozenset(getattr(route, "path", "") for route in [*app.routes, *router.routes]) - {""}
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
+    return app

@@ -1,0 +1,76 @@
+"""Prometheus metrics, one registry per app (so tests and several apps in one process don't collide)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "bfd_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "bfd_request_latency_seconds",
+            "HTTP latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "bfd_batch_size", "images per inference batch", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.inference_seconds = Histogram(
+            "bfd_inference_seconds",
+            "wall time of one inference batch",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.skipped = Counter(
+            "bfd_skipped_images",
+            "queued images dropped because their client had gone",
+            registry=self.registry,
+        )
+        self.images = Counter("bfd_images", "images answered", registry=self.registry)
+        self.queue_depth = Gauge("bfd_queue_depth", "images admitted and waiting", registry=self.registry)
+
+    def track_queue_depth(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(lambda: float(depth()))
+
+
+class MetricsMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware), so it never buffers bodies or hides client disconnects."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in self.routes else "other"  # bounded label cardinality
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,84 @@
+"""`bfd predict IMAGE...`: in-process on a bundle, or against a running server; one JSON line per image."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path)
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--bundle", type=Path, default=Path("models/demo"), help="run in-process on this bundle")
+    target.add_argument("--url", help="post to this server instead, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--body-part", help="skip the router: the body part is known")
+    parser.add_argument("--timeout-s", type=float, default=120.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.url:
+        return _remote(args)
+    return asyncio.run(_local(args))
+
+
+def _print_error(name: str, status: int, detail: str) -> None:
+    print(json.dumps({"image_name": name, "error": {"status": status, "detail": detail}}))
+
+
+def _remote(args: argparse.Namespace) -> int:
+    import httpx
+
+    failures = 0
+    with httpx.Client(base_url=args.url, timeout=args.timeout_s) as client:
+        for path in args.images:
+            params = {"body_part": args.body_part} if args.body_part else {}
+            try:
+                response = client.post("/v1/predict", files={"file": (path.name, path.read_bytes())}, params=params)
+            except (OSError, httpx.HTTPError) as error:
+                _print_error(path.name, 0, str(error))
+                failures += 1
+                continue
+            if response.status_code != 200:
+                _print_error(path.name, response.status_code, response.json().get("detail", response.text))
+                failures += 1
+                continue
+            for prediction in response.json()["predictions"]:
+                print(json.dumps(prediction))
+    return 1 if failures else 0
+
+
+async def _local(args: argparse.Namespace) -> int:
+    from service.bundle import BundleError, load_bundle
+    from service.errors import ServiceError
+    from service.main import Metrics
+    from service.predictor import Predictor, Upload
+    from service.settings import Settings
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    predictor = Predictor(bundle, Settings(bundle=args.bundle), Metrics())
+    await predictor.start()
+    failures = 0
+    try:
+        for path in args.images:
+            try:
+                upload = Upload(path.read_bytes(), path.name, args.body_part)
+                (prediction,) = await predictor.predict(predictor.admit(1), [upload])
+            except OSError as error:
+                _print_error(path.name, 0, str(error))
+                failures += 1
+                continue
+            except ServiceError as error:
+                _print_error(path.name, error.status, error.reason)
+                failures += 1
+                continue
+            print(prediction.model_dump_json())
+    finally:
+        await predictor.stop()
+    return 1 if failures else 0

@@ -1,0 +1,91 @@
+"""The API's request and response shapes ("models" here means ML models, so these are schemas)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DISCLAIMER = "Research use only. Not a medical device and not a diagnosis: a qualified clinician must read the image."
+UNTRAINED_WARNING = (
+    "UNTRAINED MODEL: this bundle's heads were not trained on real data; its answers are meaningless "
+    "and must not be used as a result."
+)
+
+
+class PredictJSONRequest(BaseModel):
+    image: str = Field(description="the PNG or JPEG file, base64-encoded")
+    image_name: str | None = Field(None, max_length=512)
+    body_part: str | None = Field(None, description="skip the router: the client knows the body part")
+
+
+class BodyPartAnswer(BaseModel):
+    label: str
+    probability: float | None = Field(description="router probability of the label; null when not computed")
+    probabilities: dict[str, float] | None
+    source: Literal["router", "client"]
+
+
+class FractureAnswer(BaseModel):
+    label: Literal["fractured", "normal"]
+    probability: float = Field(description="P(fractured) from the body part's specialist")
+    threshold: float = Field(description="fractured when probability >= threshold")
+    suspicious: bool | None = Field(None, description="at the high-sensitivity operating point, when known")
+    definite: bool | None = Field(None, description="at the high-specificity operating point, when known")
+
+
+class ModelAnswer(BaseModel):
+    name: str
+    version: str
+    trained: bool
+    precision: str
+    graph: str
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int
+
+
+class ImagePrediction(BaseModel):
+    image_name: str
+    body_part: BodyPartAnswer
+    fracture: FractureAnswer
+    model: ModelAnswer
+    warnings: list[str]
+    timings_ms: Timings
+    disclaimer: str = DISCLAIMER
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ImagePrediction]
+    disclaimer: str = DISCLAIMER
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    code: str
+    status: int
+
+
+class ModelsResponse(BaseModel):
+    name: str
+    version: str
+    trained: bool
+    precision: str
+    graph: str
+    body_parts: list[str]
+    fracture_labels: list[str]
+    thresholds: dict[str, dict[str, float | None]]
+    input: dict[str, object]
+    source: dict[str, object]
+    quantization: dict[str, object] | None
+    metrics: dict[str, object] | None
+    providers: list[str]
+    active_provider: str
+    batching: dict[str, float | int]
+    warnings: list[str]
+    disclaimer: str = DISCLAIMER
