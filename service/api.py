@@ -182,9 +182,10 @@ async def _unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
-            task.cancel()
         watcher.cancel()
+        if not task.done():  # the client went away (or we are being cancelled): drop its queued images
+            task.cancel()
+            await asyncio.wait({task})
     if task.cancelled():
         raise ServiceError(499, "client_closed_request", "client went away before its answer was ready")
     return task.result()

@@ -131,6 +131,11 @@ class DynamicBatcher(Generic[In, Out]):
         return self._reserved + len(self._queue)
 
     @property
+    def queued(self) -> int:
+        """Items submitted and waiting for a batch (decoded, in the service's terms)."""
+        return len(self._queue)
+
+    @property
     def in_flight(self) -> int:
         """Items in the batch now running, reported apart from the queue for metrics."""
         return len(self._running)

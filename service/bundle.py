@@ -196,7 +196,7 @@ def read_manifest(root: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise BundleError(f"{manifest_path}: expected a JSON object, got {type(raw).__name__}")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise BundleError(
             f"{manifest_path}: unknown format_version {version!r}; this version reads format {FORMAT_VERSION}"
         )

@@ -38,13 +38,15 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     takes minutes on first start). CPU is always appended as the fallback.
     """
     available = set(ort.get_available_providers())
-    names = list(AUTO_ORDER) if not requested or list(requested) == ["auto"] else [r.lower() for r in requested]
+    lowered = [r.lower() for r in requested or []]
+    explicit = bool(lowered) and lowered != ["auto"]
+    names = lowered if explicit else list(AUTO_ORDER)
     unknown = [name for name in names if name not in PROVIDER_NAMES]
     if unknown:
         raise EngineError(f"unknown providers {unknown}; choose from {sorted(PROVIDER_NAMES)} or 'auto'")
     chosen = [PROVIDER_NAMES[n] for n in names if PROVIDER_NAMES[n] in available]
     for name in names:
-        if PROVIDER_NAMES[name] not in available and requested and list(requested) != ["auto"]:
+        if PROVIDER_NAMES[name] not in available and explicit:
             log.warning("provider %s requested but not available in this onnxruntime build", name)
     if PROVIDER_NAMES["cpu"] not in chosen:
         chosen.append(PROVIDER_NAMES["cpu"])
@@ -86,11 +88,13 @@ class Engine:
         self.graph: FusedGraph | SplitGraph = graph
         self._sessions: dict[str, ort.InferenceSession] = {}
         if isinstance(graph, FusedGraph):
-            self._sessions["fused"] = self._open(graph.file)
+            outputs = [graph.body_part_probs, graph.p_fractured, graph.feature_map]
+            self._sessions["fused"] = self._open(graph.file, outputs)
         else:
-            self._sessions["router"] = self._open(graph.router)
+            self._sessions["router"] = self._open(graph.router, [graph.body_part_probs])
             for part in self.body_parts:
-                self._sessions[f"specialist/{part}"] = self._open(graph.specialists[part])
+                outputs = [graph.p_fractured, graph.feature_map]
+                self._sessions[f"specialist/{part}"] = self._open(graph.specialists[part], outputs)
         self.active_providers = next(iter(self._sessions.values())).get_providers()
         log.info(
             "bundle %s %s (%s, %s graph) on %s with %d intra-op threads",
@@ -110,7 +114,7 @@ class Engine:
     def active_provider(self) -> str:
         return self.active_providers[0]
 
-    def _open(self, name: str) -> ort.InferenceSession:
+    def _open(self, name: str, expected_outputs: list[str]) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
@@ -124,6 +128,10 @@ class Engine:
         inputs = [i.name for i in session.get_inputs()]
         if inputs != [self.input_name]:
             raise EngineError(f"{path}: graph inputs {inputs}, manifest says [{self.input_name!r}]")
+        outputs = [o.name for o in session.get_outputs()]
+        missing = [name for name in expected_outputs if name not in outputs]
+        if missing:
+            raise EngineError(f"{path}: graph outputs {outputs}, manifest expects {expected_outputs}")
         return session
 
     def _check(self, images: np.ndarray) -> None:

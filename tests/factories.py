@@ -74,9 +74,7 @@ def part_value(part_index: int, parts_count: int, brightness_shift: int = 0) -> 
     return round(255 * part_center(part_index, parts_count)) + brightness_shift
 
 
-def image_for_part(
-    part_index: int, parts_count: int = len(DEFAULT_PARTS), brightness_shift: int = 0
-) -> np.ndarray:
+def image_for_part(part_index: int, parts_count: int = len(DEFAULT_PARTS), brightness_shift: int = 0) -> np.ndarray:
     """A constant image the tiny router sends to part `part_index` (keep |shift| small: ~< 255 / (4 P))."""
     return constant_image(part_value(part_index, parts_count, brightness_shift))
 
@@ -231,14 +229,14 @@ def write_specialist_graph(path: Path, offset: float = 0.0) -> None:
 def write_heads(path: Path, parts: Sequence[str], seed: int = 0) -> None:
     """'<model>/<i>/kernel|bias' float32 for 'router' and 'specialist/<part>', the real heads' shapes."""
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}  # Any: numpy's stubs read **dict[str, ndarray] as allow_pickle
     for key, classes in [("router", len(parts)), *((f"specialist/{p}", 2) for p in parts)]:
         widths = [FEATURE_CHANNELS, 128, 50, classes]
         for index in range(3):
             fan_in, fan_out = widths[index], widths[index + 1]
-            arrays[f"{key}/{index}/kernel"] = (
-                rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)
-            ).astype(np.float32)
+            arrays[f"{key}/{index}/kernel"] = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(
+                np.float32
+            )
             arrays[f"{key}/{index}/bias"] = np.zeros(fan_out, dtype=np.float32)
     with path.open("wb") as handle:
         np.savez(handle, **arrays)
@@ -286,9 +284,7 @@ def build_tiny_bundle(
     else:
         raise ValueError(f"form must be 'fused' or 'split', got {form!r}")
     write_heads(root / HEADS_FILE, parts)
-    graph_files = (
-        [graph.file] if isinstance(graph, FusedGraph) else [graph.router, *graph.specialists.values()]
-    )
+    graph_files = [graph.file] if isinstance(graph, FusedGraph) else [graph.router, *graph.specialists.values()]
     thresholds = thresholds or {}
     manifest = Manifest(
         name=name,

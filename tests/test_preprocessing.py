@@ -172,9 +172,7 @@ def test_bad_arguments_are_programming_errors(kwargs: dict[str, object], match: 
     edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
     cut=st.integers(1, 10**6) | st.none(),
 )
-def test_corrupted_bytes_only_raise_image_errors(
-    fmt: str, edits: list[tuple[int, int]], cut: int | None
-) -> None:
+def test_corrupted_bytes_only_raise_image_errors(fmt: str, edits: list[tuple[int, int]], cut: int | None) -> None:
     data = bytearray(encode(noise("RGB", (48, 40), seed=3), fmt))
     for pos, value in edits:
         data[pos % len(data)] = value
@@ -273,9 +271,7 @@ def test_alpha_is_composited_onto_black(mode: str) -> None:
     rgba = np.full((10, 30, 4), 255, dtype=np.uint8)
     rgba[:, 10:20, 3] = 128
     rgba[:, 20:, 3] = 0
-    grey = prepare_image(encode(Image.fromarray(rgba).convert(mode)), size=30, resize="nearest").pixels[
-        ..., 0
-    ]
+    grey = prepare_image(encode(Image.fromarray(rgba).convert(mode)), size=30, resize="nearest").pixels[..., 0]
     assert grey[:, :10].min() == 255
     assert np.all(np.abs(grey[:, 10:20].astype(int) - 128) <= 1)
     assert grey[:, 20:].max() == 0
@@ -413,9 +409,7 @@ def test_large_jpeg_uses_draft_mode_and_keeps_quality(monkeypatch: pytest.Monkey
     size=st.sampled_from([32, 224]),
     resize=st.sampled_from(["bilinear", "nearest"]),
 )
-def test_any_image_meets_the_contract(
-    width: int, height: int, mode: str, jpeg: bool, size: int, resize: str
-) -> None:
+def test_any_image_meets_the_contract(width: int, height: int, mode: str, jpeg: bool, size: int, resize: str) -> None:
     if mode == "I;16":
         ramp = np.arange(width * height, dtype=np.uint32).reshape(height, width) % 4096
         img = Image.fromarray(ramp.astype(np.uint16))
