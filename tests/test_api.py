@@ -224,8 +224,6 @@ async def test_concurrent_requests_form_batches_and_get_their_own_answers(bundle
     assert sum(gate.sizes) == 21
     counts = [line for line in metrics.splitlines() if line.startswith("bfd_batch_size_count")]
     assert counts == ["bfd_batch_size_count 4.0"], gate.sizes
-        "bfd_batch_size_count 4.0"
-    ], gate.sizes
 
 
 async def test_full_queue_refuses_at_once_with_retry_after(tmp_path: Path) -> None:
