@@ -1,0 +1,122 @@
+"""End to end: `bfd export --demo` then `bfd serve` as real processes, a real JPEG over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+XRAY = Path(__file__).parent / "data" / "xray"  # FracAtlas, CC BY 4.0: see tests/data/xray/README.md
+BFD = [sys.executable, "-m", "bfd.cli"]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "demo"
+    result = subprocess.run([*BFD, "export", "--demo", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained=false" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(demo_bundle: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = _free_port()
+    env = {**os.environ, "BFD_MAX_BATCH_SIZE": "8"}  # settings from the environment too
+    process = subprocess.Popen(
+        [*BFD, "serve", "--bundle", str(demo_bundle), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"bfd serve exited early: {process.stdout.read() if process.stdout else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("bfd serve did not become ready in 120 s")
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_serve_answers_a_real_jpeg(server: tuple[subprocess.Popen[str], str]) -> None:
+    _, url = server
+    path = sorted(XRAY.rglob("*.jpg"))[0]
+    response = httpx.post(f"{url}/v1/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60)
+    assert response.status_code == 200, response.text
+    (prediction,) = response.json()["predictions"]
+    assert prediction["image_name"] == path.name
+    assert prediction["body_part"]["label"] in ("elbow", "hand", "shoulder")
+    assert 0.0 <= prediction["fracture"]["probability"] <= 1.0
+    assert prediction["model"]["trained"] is False
+    assert prediction["model"]["graph"] == "fused"
+    assert any("UNTRAINED" in warning for warning in prediction["warnings"])
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()
+    assert models["batching"]["max_batch_size"] == 8
+    bad = httpx.post(f"{url}/v1/predict", files={"file": ("x.jpg", b"\xff\xd8\xff garbage")}, timeout=10)
+    assert bad.status_code == 422
+
+
+def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: tuple[subprocess.Popen[str], str]) -> None:
+    _, url = server
+    path = sorted(XRAY.rglob("*.jpg"))[0]
+    local = subprocess.run([*BFD, "predict", str(path), "--bundle", str(demo_bundle)], capture_output=True, text=True)
+    remote = subprocess.run([*BFD, "predict", str(path), "--url", url], capture_output=True, text=True)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    import json
+
+    local_answer, remote_answer = json.loads(local.stdout), json.loads(remote.stdout)
+    assert local_answer["body_part"] == remote_answer["body_part"]
+    assert local_answer["fracture"]["probability"] == pytest.approx(remote_answer["fracture"]["probability"], abs=1e-6)
+
+
+def test_sigterm_exits_cleanly(server: tuple[subprocess.Popen[str], str]) -> None:
+    process, _ = server
+    process.send_signal(signal.SIGTERM)
+    # uvicorn drains, runs the lifespan shutdown (the batcher drains), then re-raises the signal.
+    assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+    log = process.stdout.read() if process.stdout else ""
+    assert "Application shutdown complete" in log
+
+
+def test_serve_refuses_a_tampered_bundle(demo_bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "tampered"
+    shutil.copytree(demo_bundle, copy)
+    with (copy / "heads.npz").open("r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    result = subprocess.run([*BFD, "serve", "--bundle", str(copy), "--port", "1"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "sha256" in result.stderr
+    assert "heads.npz" in result.stderr
