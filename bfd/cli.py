@@ -20,26 +20,27 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bfd",
         description="Bone-fracture detection on radiographs. Research use only: not a diagnosis.",
     )
     parser.add_argument("--log-level", default=os.environ.get("BFD_LOG_LEVEL", "INFO"))
+    chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    help_asked = "-h" in argv or "--help" in argv
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
         # Only the chosen subcommand's module is imported (so its heavy imports stay out of the others).
-        if name in sys.argv[1:3] or "-h" in sys.argv or "--help" in sys.argv:
+        if name == chosen or (chosen is None and help_asked):
             importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(importlib.import_module(args._module).run(args) or 0)
 

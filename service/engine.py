@@ -77,6 +77,7 @@ class Engine:
         *,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        spinning: bool = False,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
@@ -84,6 +85,7 @@ class Engine:
         self.input_name = manifest.input.name
         self.requested_providers = choose_providers(providers)
         self.intra_op_threads = intra_op_threads or default_intra_op_threads()
+        self.spinning = spinning
         graph = manifest.graph
         self.graph: FusedGraph | SplitGraph = graph
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -120,6 +122,8 @@ class Engine:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle intra-op threads spin by default, burning the cores the decode pool needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         path = self.bundle.path(name)
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.requested_providers)

@@ -66,7 +66,10 @@ class Predictor:
         self.settings = settings
         self.metrics = metrics
         self.engine = Engine(
-            bundle, providers=settings.providers, intra_op_threads=settings.resolved_intra_op_threads()
+            bundle,
+            providers=settings.providers,
+            intra_op_threads=settings.resolved_intra_op_threads(),
+            spinning=settings.ort_spinning,
         )
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
         self.batcher: DynamicBatcher[_Item, _Answer] = DynamicBatcher(

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     providers: list[str] = Field(["auto"], description="onnxruntime providers in order: auto|cuda|tensorrt|cpu")
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads (default: all cores)")
     decode_threads: int | None = Field(None, ge=1, description="decode pool size (default: all cores)")
+    ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
     max_batch_size: int = Field(16, ge=1, le=256)
     max_queue_size: int = Field(64, ge=1, description="images admitted but not yet running; more get 503")
     max_wait_ms: float = Field(0.0, ge=0.0, description="extra wait to fill a batch (accelerators); 0 on CPU")
