@@ -105,8 +105,8 @@ def bundle_folder_only(parent: Path, name: str) -> None:
 
 def run_cli(*args: object) -> int:
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["bfd"])  # bfd.cli.main rewrites sys.argv
-        return bfd.cli.main(["--log-level", "WARNING", "export", *map(str, args)])
+        patch.setattr(sys, "argv", ["bfd"])  # keep the real command line out of the parser's way
+        return bfd.cli.main(["export", *map(str, args)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -643,6 +643,14 @@ def test_cli_sources_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--demo", "--keras-dir", tmp_path, "--out", tmp_path / "bundle")
     assert exit_info.value.code == 2
+
+
+def test_cli_top_level_option_before_the_subcommand(tmp_path: Path) -> None:
+    # '--log-level WARNING' takes two words: the subcommand must still be found (and parse, not SystemExit).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["bfd"])
+        code = bfd.cli.main(["--log-level", "WARNING", "export", "--demo", "--trained", "--out", str(tmp_path)])
+    assert code == 2
 
 
 def test_export_options_are_checked_before_any_work(demo_set: ModelSet, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ fuse several heads onto one backbone pass.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,8 +65,14 @@ def resolve_backbone_weights(weights: WeightsSpec) -> str | None:
     cached = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models" / IMAGENET_NOTOP_FILE
     if cached.is_file():
         return str(cached)
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a network that drops packets must not hang the export
     try:
-        return str(keras.utils.get_file(IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_subdir="models"))
+        return str(
+            keras.utils.get_file(
+                IMAGENET_NOTOP_FILE, IMAGENET_NOTOP_URL, cache_dir=str(cached.parent.parent), cache_subdir="models"
+            )
+        )
     except Exception as error:  # any network failure: say how to proceed offline
         raise WeightsUnavailableError(
             "ImageNet weights for ResNet50 could not be downloaded "
@@ -73,6 +80,8 @@ def resolve_backbone_weights(weights: WeightsSpec) -> str | None:
             f"--weights /path/to/{IMAGENET_NOTOP_FILE} (or place it in {cached.parent}), "
             "or use --weights none for an untrained demo."
         ) from error
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 def build_backbone(weights: WeightsSpec = None) -> keras.Model:
