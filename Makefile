@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bundle bench-bundle
+.PHONY: setup serve test lint bundle bench-bundle bench-service
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ test: lint
 bench-bundle: setup bundle
 	test -f models/demo-int8/manifest.json || $(BIN)/bfd export --demo --int8 --calibration tests/data/xray --out models/demo-int8
 	$(BIN)/python -m loadtest.bench_bundle --bundle $(BUNDLE) --bundle models/demo-int8 --images tests/data/xray
+
+# In-process ceiling, then HTTP throughput and latency at concurrency 1, 8, 32 (figures in loadtest/results/).
+bench-service: setup bundle
+	$(BIN)/python -m loadtest.bench_service --bundle $(BUNDLE) --images tests/data/xray

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
-from service.answers import bundle_warnings
+from service.answers import bundle_warnings, model_answer
 from service.errors import ServiceError
 from service.predictor import Predictor, Upload
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
@@ -201,11 +201,7 @@ async def models(predictor: PredictorDep) -> ModelsResponse:
     manifest = predictor.manifest
     settings = predictor.settings
     return ModelsResponse(
-        name=manifest.name,
-        version=manifest.version,
-        trained=manifest.trained,
-        precision=manifest.precision,
-        graph=manifest.graph.form,
+        **model_answer(manifest).model_dump(),
         body_parts=manifest.body_parts,
         fracture_labels=list(manifest.fracture_labels),
         thresholds={part: t.model_dump() for part, t in manifest.thresholds.items()},
