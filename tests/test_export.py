@@ -126,7 +126,7 @@ def images() -> np.ndarray:
     colour = rng.integers(0, 256, size=(4, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     real = [prepare_image_file(path, resize="bilinear").pixels for path in XRAY_FILES]
     batch = np.concatenate([np.repeat(gray, 3, axis=-1), colour, np.stack(real)])
-    assert batch.shape == (12, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert batch.shape == (9 + len(XRAY_FILES), IMAGE_SIZE, IMAGE_SIZE, 3)
     return batch
 
 
