@@ -40,6 +40,7 @@ from service.bundle import (
     Thresholds,
     Verification,
     file_entry,
+    graph_file_names,
     load_bundle,
     write_manifest,
 )
@@ -123,7 +124,7 @@ def _write_fp32(model_set: ModelSet, root: Path, options: ExportOptions) -> Mani
             max_diff = max(max_diff, verify_specialist(path, index, part, reference, images))
     log.info("%s graph verified on %d images: max abs diff %.2e", form, len(images), max_diff)
     save_heads(model_set, root / HEADS_FILE)
-    graph_files = _graph_file_names(graph)
+    graph_files = graph_file_names(graph)
     files = [file_entry(root, name) for name in [*graph_files, HEADS_FILE]]
     manifest = Manifest(
         name=options.name or "bundle",
@@ -149,12 +150,6 @@ def _write_fp32(model_set: ModelSet, root: Path, options: ExportOptions) -> Mani
     )
     write_manifest(root, manifest)
     return manifest
-
-
-def _graph_file_names(graph: FusedGraph | SplitGraph) -> list[str]:
-    if isinstance(graph, FusedGraph):
-        return [graph.file]
-    return [graph.router, *graph.specialists.values()]
 
 
 def _default_version(primary: FileEntry) -> str:
@@ -186,7 +181,7 @@ def _quantize(fp32_root: Path, fp32: Manifest, calibration_dir: Path, options: E
     calibration, held_out = split_calibration(images, seed=options.seed)
     int8_root = fp32_root / "int8"
     int8_root.mkdir()
-    graph_files = _graph_file_names(fp32.graph)
+    graph_files = graph_file_names(fp32.graph)
     for name in graph_files:
         quantize_graph(fp32_root / name, int8_root / name, calibration, input_name=fp32.input.name)
     shutil.copy2(fp32_root / HEADS_FILE, int8_root / HEADS_FILE)

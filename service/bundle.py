@@ -145,9 +145,14 @@ class Manifest(_Strict):
 
     def graph_files(self) -> list[str]:
         """Every ONNX file the graph form names, router first."""
-        if isinstance(self.graph, FusedGraph):
-            return [self.graph.file]
-        return [self.graph.router, *(self.graph.specialists[part] for part in self.body_parts)]
+        return graph_file_names(self.graph)
+
+
+def graph_file_names(graph: FusedGraph | SplitGraph) -> list[str]:
+    """The ONNX files a graph description names: the fused file, or the router then each specialist."""
+    if isinstance(graph, FusedGraph):
+        return [graph.file]
+    return [graph.router, *(graph.specialists[part] for part in sorted(graph.specialists))]
 
 
 @dataclass(frozen=True)
