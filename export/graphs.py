@@ -121,9 +121,13 @@ def reference_outputs(model_set: ModelSet, images: np.ndarray) -> Reference:
     body = model_set.router.predict(images, verbose=0)
     p_fractured = np.stack([model_set.specialists[p].predict(images, verbose=0)[:, 0] for p in model_set.parts], axis=1)
     caffe = _caffe(images)
-    maps = {"router": feature_map_model(backbone_of(model_set.router)).predict(caffe, verbose=0)[0]}
+    router_backbone = backbone_of(model_set.router)
+    maps = {"router": feature_map_model(router_backbone).predict(caffe, verbose=0)[0]}
     for part in model_set.parts:
-        maps[part] = feature_map_model(backbone_of(model_set.specialists[part])).predict(caffe, verbose=0)[0]
+        backbone = backbone_of(model_set.specialists[part])
+        # A specialist sharing the router's backbone object has the same map: no second backbone pass.
+        shared = backbone is router_backbone
+        maps[part] = maps["router"] if shared else feature_map_model(backbone).predict(caffe, verbose=0)[0]
     for key, original in model_set.originals.items():
         expected = original.predict(caffe, verbose=0)
         ours = body if key == "router" else model_set.models()[key].predict(images, verbose=0)

@@ -19,7 +19,7 @@ from starlette.types import Message, Receive
 
 from service.answers import bundle_warnings, model_answer
 from service.errors import ServiceError
-from service.predictor import Predictor, Upload
+from service.predictor import Predictor, Upload, release_all
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
 
 router = APIRouter()
@@ -100,8 +100,7 @@ async def predict(
         uploads = await _parse(request, media_type, body, body_part, settings.max_images_per_request)
         tickets += predictor.admit(len(uploads) - 1)
     except BaseException:
-        for ticket in tickets:
-            ticket.release()
+        release_all(tickets)
         raise
     predictions = await _unless_client_gone(request.receive, predictor.predict(tickets, uploads))
     return PredictResponse(predictions=predictions)

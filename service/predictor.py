@@ -57,6 +57,12 @@ class _Answer:
 AnswerTicket = Ticket[_Item, _Answer]
 
 
+def release_all(tickets: Sequence[AnswerTicket]) -> None:
+    """Give back reserved queue slots of a request that will not submit (bad input, refusal, cancellation)."""
+    for ticket in tickets:
+        ticket.release()
+
+
 class Predictor:
     """Owns the engine, the batcher and the decode pool for one bundle."""
 
@@ -103,8 +109,7 @@ class Predictor:
             for _ in range(count):
                 tickets.append(self.batcher.admit())
         except BaseException:
-            for ticket in tickets:
-                ticket.release()
+            release_all(tickets)
             raise
         return tickets
 
@@ -129,8 +134,7 @@ class Predictor:
             decoded = time.perf_counter()
             items = [_Item(p.pixels, u.body_part, False) for p, u in zip(prepared, uploads, strict=True)]
         except BaseException:
-            for ticket in tickets:
-                ticket.release()
+            release_all(tickets)
             raise
         answers = await asyncio.gather(
             *(self._submit(ticket, item) for ticket, item in zip(tickets, items, strict=True))
