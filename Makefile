@@ -16,7 +16,7 @@ $(BIN)/python:
 # One environment for the developer loop: the serving install plus the export (TensorFlow) and test extras.
 # The service itself never imports TensorFlow (tests/test_import_boundaries.py); the Dockerfile installs without it.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[export,test]'
+	$(BIN)/python -m pip install --quiet -e '.[train,test]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -32,7 +32,7 @@ serve: setup bundle
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service
+	$(BIN)/mypy service training
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

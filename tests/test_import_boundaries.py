@@ -106,3 +106,38 @@ def test_static_check_catches_forbidden_imports() -> None:
     roots = {root for _, root in _imported_roots(ast.parse(source))}
     assert roots & set(FORBIDDEN_IMPORTS) == {"tensorflow", "keras", "export", "tf2onnx", "training"}
     assert "numpy" in roots
+
+
+# `bfd evaluate` runs where the service runs (no TensorFlow installed), and the dataset code is shared with it.
+TENSORFLOW_FREE_TRAINING = (
+    "training.dataset",
+    "training.splits",
+    "training.metrics",
+    "training.synthetic",
+    "training.evaluate",
+    "training.evaluate_cli",
+    "training.evaluation_report",
+    "training.plots",
+)
+
+
+def test_evaluation_and_dataset_modules_load_no_tensorflow() -> None:
+    script = textwrap.dedent(
+        """
+        import importlib, json, sys
+        for name in json.loads(sys.argv[1]):
+            importlib.import_module(name)
+        print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(TENSORFLOW_FREE_TRAINING)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert {"training", "onnxruntime", "matplotlib"} <= loaded
+    assert sorted(loaded & set(FORBIDDEN_RUNTIME)) == []

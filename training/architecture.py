@@ -44,12 +44,12 @@ class WeightsUnavailableError(RuntimeError):
 class CaffePreprocessing(keras.layers.Layer):
     """uint8 RGB -> float32 BGR minus the ImageNet means: `resnet50.preprocess_input` inside the model."""
 
-    def call(self, inputs):  # type: ignore[no-untyped-def]
+    def call(self, inputs):  # type: ignore[no-untyped-def,unused-ignore]
         x = keras.ops.cast(inputs, "float32")
         x = keras.ops.take(x, [2, 1, 0], axis=-1)
         return x - keras.ops.convert_to_tensor(np.asarray(CAFFE_MEAN_BGR, dtype="float32"))
 
-    def compute_output_shape(self, input_shape):  # type: ignore[no-untyped-def]
+    def compute_output_shape(self, input_shape):
         return input_shape
 
 
