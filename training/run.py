@@ -197,7 +197,8 @@ def _operating_points(
         thresholds[part] = {
             "decision": 0.5 if sensitive is None else float(sensitive),
             "high_sensitivity": None if sensitive is None else float(sensitive),
-            "high_specificity": None if specific is None else float(specific),
+            # no observed score qualifies -> just above the highest; P(fractured) itself never exceeds 1
+            "high_specificity": None if specific is None else min(float(specific), 1.0),
         }
         decision = thresholds[part]["decision"]
         assert decision is not None
