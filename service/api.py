@@ -7,7 +7,7 @@ import base64
 import binascii
 import re
 from collections.abc import Awaitable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -19,13 +19,13 @@ from starlette.types import Message, Receive
 
 from service.answers import bundle_warnings, model_answer
 from service.errors import ServiceError
-from service.predictor import Predictor, Upload, release_all
-from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
+from service.predictor import AnswerTicket, Predictor, Upload, release_all
+from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse, StudyResponse
 
 router = APIRouter()
 T = TypeVar("T")
 
-IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg"}
+IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "application/dicom"}
 ACCEPTED_MEDIA_TYPES = {"multipart/form-data", "application/json", *IMAGE_MEDIA_TYPES}
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
 
@@ -59,29 +59,82 @@ _PREDICT_BODY = {
                     "properties": {
                         "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "body_part": {"type": "string"},
+                        "heatmap": {"type": "boolean"},
                     },
                 }
             },
             "application/json": {"schema": PredictJSONRequest.model_json_schema()},
             "image/png": {"schema": {"type": "string", "format": "binary"}},
             "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
+_DICOM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "with output=dicom: a DICOM Secondary Capture of the overlay and result, in the source study",
+    }
+}
+BodyPartQuery = Annotated[str | None, Query(description="skip the router for every image")]
+HeatmapQuery = Annotated[bool, Query(description="also return a Grad-CAM overlay per image")]
 
 
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
-    responses=_ERRORS,
+    responses={**_ERRORS, **_DICOM_RESPONSE},
     openapi_extra=_PREDICT_BODY,
     summary="Body part and fracture answer for one or several radiographs (research use only)",
 )
 async def predict(
     request: Request,
     predictor: PredictorDep,
-    body_part: Annotated[str | None, Query(description="skip the router for every image")] = None,
-) -> PredictResponse:
+    body_part: BodyPartQuery = None,
+    heatmap: HeatmapQuery = False,
+    output: Annotated[
+        Literal["json", "dicom"], Query(description="dicom: a Secondary Capture for one DICOM input")
+    ] = "json",
+) -> Any:
+    tickets, uploads = await _admit_and_read(request, predictor, body_part, heatmap or output == "dicom")
+    if output == "dicom":
+        return await _unless_client_gone(request.receive, _dicom_answer(predictor, tickets, uploads))
+    predictions = await _unless_client_gone(request.receive, predictor.predict(tickets, uploads))
+    return PredictResponse(predictions=predictions)
+
+
+@router.post(
+    "/v1/studies",
+    response_model=StudyResponse,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+    summary="Several images of one study: per-image answers and the study's (research use only)",
+)
+async def studies(
+    request: Request, predictor: PredictorDep, body_part: BodyPartQuery = None, heatmap: HeatmapQuery = False
+) -> StudyResponse:
+    tickets, uploads = await _admit_and_read(request, predictor, body_part, heatmap)
+    return await _unless_client_gone(request.receive, predictor.predict_study(tickets, uploads))
+
+
+async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploads: list[Upload]) -> Response:
+    if len(uploads) != 1:
+        release_all(tickets)
+        raise ServiceError(422, "dicom_output_needs_one_image", f"output=dicom takes one image, got {len(uploads)}")
+    [result] = await predictor.run_images(tickets, uploads)
+    answer = await predictor.answer(result)
+    content = await predictor.dicom_report(result, answer)
+    return Response(
+        content,
+        media_type="application/dicom",
+        headers={"Content-Disposition": 'attachment; filename="bfd-research-heatmap.dcm"'},
+    )
+
+
+async def _admit_and_read(
+    request: Request, predictor: Predictor, body_part: str | None, heatmap: bool
+) -> tuple[list[AnswerTicket], list[Upload]]:
+    """Check the media type and size, reserve queue slots, then read and parse the body into uploads."""
     settings = predictor.settings
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
@@ -97,13 +150,12 @@ async def predict(
     tickets = predictor.admit(1)
     try:
         body = await _read_body(request.receive, settings.max_upload_bytes)
-        uploads = await _parse(request, media_type, body, body_part, settings.max_images_per_request)
+        uploads = await _parse(request, media_type, body, body_part, heatmap, settings.max_images_per_request)
         tickets += predictor.admit(len(uploads) - 1)
     except BaseException:
         release_all(tickets)
         raise
-    predictions = await _unless_client_gone(request.receive, predictor.predict(tickets, uploads))
-    return PredictResponse(predictions=predictions)
+    return tickets, uploads
 
 
 def _too_large(size: int, limit: int) -> ServiceError:
@@ -128,17 +180,17 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
 
 
 async def _parse(
-    request: Request, media_type: str, body: bytes, body_part: str | None, max_images: int
+    request: Request, media_type: str, body: bytes, body_part: str | None, heatmap: bool, max_images: int
 ) -> list[Upload]:
     if media_type == "application/json":
-        return [_parse_json(body, body_part)]
+        return [_parse_json(body, body_part, heatmap)]
     if media_type in IMAGE_MEDIA_TYPES:
         name = request.headers.get("x-image-name", "image")
-        return [Upload(body, name, body_part)]
-    return await _parse_multipart(request, body, body_part, max_images)
+        return [Upload(body, name, body_part, heatmap, dicom=media_type == "application/dicom")]
+    return await _parse_multipart(request, body, body_part, heatmap, max_images)
 
 
-def _parse_json(body: bytes, body_part: str | None) -> Upload:
+def _parse_json(body: bytes, body_part: str | None, heatmap: bool) -> Upload:
     try:
         payload = PredictJSONRequest.model_validate_json(body)
     except ValidationError as error:
@@ -149,10 +201,12 @@ def _parse_json(body: bytes, body_part: str | None) -> Upload:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ServiceError(422, "invalid_base64", f"field 'image' is not valid base64 ({error})") from error
-    return Upload(data, payload.image_name or "image", payload.body_part or body_part)
+    return Upload(data, payload.image_name or "image", payload.body_part or body_part, payload.heatmap or heatmap)
 
 
-async def _parse_multipart(request: Request, body: bytes, body_part: str | None, max_images: int) -> list[Upload]:
+async def _parse_multipart(
+    request: Request, body: bytes, body_part: str | None, heatmap: bool, max_images: int
+) -> list[Upload]:
     async def replay() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -166,9 +220,13 @@ async def _parse_multipart(request: Request, body: bytes, body_part: str | None,
             raise ServiceError(422, "missing_file", "multipart field 'file' (one or more images) is required")
         hint = form.get("body_part")
         hint = hint if isinstance(hint, str) and hint else body_part
+        wanted = form.get("heatmap")
+        heatmap = heatmap or (isinstance(wanted, str) and wanted.strip().lower() in {"1", "true", "yes", "on"})
         uploads = []
         for index, file in enumerate(files):
-            uploads.append(Upload(await file.read(), file.filename or f"image-{index + 1}", hint))
+            name = file.filename or f"image-{index + 1}"
+            dicom = (file.content_type or "").lower() == "application/dicom" or name.lower().endswith(".dcm")
+            uploads.append(Upload(await file.read(), name, hint, heatmap, dicom))
         return uploads
     finally:
         await form.close()

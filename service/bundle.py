@@ -62,6 +62,17 @@ class Thresholds(_Strict):
     high_specificity: float | None = Field(None, ge=0.0, le=1.0)
 
 
+class Abstention(_Strict):
+    """When the service abstains (still reporting the probabilities): the bundle's defaults; settings override."""
+
+    min_router_probability: float | None = Field(
+        None, ge=0.0, le=1.0, description="abstain when the router's top probability is under this"
+    )
+    max_colourfulness: float | None = Field(
+        None, ge=0.0, description="abstain when the image is more colourful than this (not a radiograph)"
+    )
+
+
 class FusedGraph(_Strict):
     """One graph: the backbone once, then every head."""
 
@@ -123,6 +134,7 @@ class Manifest(_Strict):
     verification: Verification
     quantization: QuantizationReport | None = None
     metrics: dict[str, Any] | None = None
+    abstention: Abstention | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -33,19 +33,27 @@ def predict_batch(
     images: np.ndarray,
     hints: Sequence[str | None] | None = None,
     want_feature_map: Sequence[bool] | None = None,
+    route_hinted: Sequence[bool] | None = None,
 ) -> list[ItemPrediction]:
-    """(N, 224, 224, 3) uint8 -> one ItemPrediction per image, in order."""
+    """(N, 224, 224, 3) uint8 -> one ItemPrediction per image, in order.
+
+    `route_hinted[i]` runs the router for image i even though it has a hint (a DICOM body part the answer
+    checks against the router); a fused graph always has the router's answer anyway.
+    """
     count = len(images)
     hints = list(hints) if hints is not None else [None] * count
     wants = list(want_feature_map) if want_feature_map is not None else [False] * count
-    if len(hints) != count or len(wants) != count:
-        raise ValueError(f"got {count} images, {len(hints)} hints and {len(wants)} feature-map flags")
+    routes = list(route_hinted) if route_hinted is not None else [False] * count
+    if len(hints) != count or len(wants) != count or len(routes) != count:
+        raise ValueError(
+            f"got {count} images, {len(hints)} hints, {len(wants)} feature-map flags and {len(routes)} route flags"
+        )
     unknown = {h for h in hints if h is not None and h not in engine.body_parts}
     if unknown:
         raise ValueError(f"unknown body part hints {sorted(unknown)}; this bundle knows {engine.body_parts}")
     if engine.fused:
         return _predict_fused(engine, images, hints, wants)
-    return _predict_split(engine, images, hints, wants)
+    return _predict_split(engine, images, hints, wants, routes)
 
 
 def _predict_fused(
@@ -68,16 +76,17 @@ def _predict_fused(
 
 
 def _predict_split(
-    engine: Engine, images: np.ndarray, hints: list[str | None], wants: list[bool]
+    engine: Engine, images: np.ndarray, hints: list[str | None], wants: list[bool], routes: list[bool]
 ) -> list[ItemPrediction]:
     parts: list[str] = [h or "" for h in hints]
     probs: list[np.ndarray | None] = [None] * len(images)
-    unhinted = [i for i, hint in enumerate(hints) if hint is None]
-    if unhinted:
-        routed = engine.run_router(images[unhinted])
-        for row, i in enumerate(unhinted):
+    to_route = [i for i, hint in enumerate(hints) if hint is None or routes[i]]
+    if to_route:
+        routed = engine.run_router(images[to_route])
+        for row, i in enumerate(to_route):
             probs[i] = routed[row]
-            parts[i] = engine.body_parts[int(np.argmax(routed[row]))]
+            if hints[i] is None:
+                parts[i] = engine.body_parts[int(np.argmax(routed[row]))]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, part in enumerate(parts):
         groups[part].append(i)

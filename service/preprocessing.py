@@ -2,7 +2,8 @@
 
 Contract (every model input in this project goes through :func:`prepare_image`):
 
-* Input: the raw bytes of a PNG or JPEG file. Other formats, undecodable or truncated data, and images
+* Input: the raw bytes of a PNG, JPEG or DICOM file (DICOM is rendered by `service.dicom`: modality and VOI
+  LUTs, MONOCHROME1 inverted, scaled to 8 bits). Other formats, undecodable or truncated data, and images
   whose header claims more than ``max_pixels`` pixels are rejected with an :class:`ImageError` subclass
   carrying a human-readable ``reason`` and an HTTP ``status`` hint.
 * EXIF orientation is applied, so the model sees the image the way a viewer displays it.
@@ -13,7 +14,7 @@ Contract (every model input in this project goes through :func:`prepare_image`):
 * The 'caffe' normalisation (RGB->BGR, mean subtraction) is NOT done here: it lives inside the ONNX graph
   and the Keras model's first layer. This module only moves bytes.
 
-Only numpy and Pillow are used, so training code can import it without the serving stack.
+Only numpy, Pillow and (for DICOM) pydicom are used, so training code can import it without the serving stack.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+
+from service.dicom import DicomError, DicomImage, looks_like_dicom, read_dicom
 
 ResizeMethod = Literal["bilinear", "nearest"]
 SUPPORTED_FORMATS = ("PNG", "JPEG")
@@ -53,7 +56,7 @@ class UndecodableImageError(ImageError):
 
 
 class UnsupportedImageFormatError(ImageError):
-    """A real image, but not PNG or JPEG: the model was only validated on those."""
+    """A real image, but not PNG, JPEG or DICOM (or a DICOM transfer syntax no installed decoder reads)."""
 
     status = 415
 
@@ -73,14 +76,25 @@ class PreparedImage:
     original_height: int
     source_mode: str  # Pillow mode of the file as stored, e.g. "L", "RGB", "I;16", "P", "CMYK"
     colourfulness: float  # mean |channel - pixel mean| on a 64x64 RGB thumbnail, 0..170; 0 for grey sources
+    display: np.ndarray | None = None  # (h, w) uint8 grey, aspect kept, when asked for (heatmap overlays)
+    dicom: DicomImage | None = None  # for DICOM input: its rendering facts and parsed dataset
 
 
 def prepare_image(
-    data: bytes, *, size: int = 224, resize: ResizeMethod = "bilinear", max_pixels: int = 50_000_000
+    data: bytes,
+    *,
+    size: int = 224,
+    resize: ResizeMethod = "bilinear",
+    max_pixels: int = 50_000_000,
+    display_max_side: int | None = None,
+    dicom: bool = False,
 ) -> PreparedImage:
-    """Decode PNG/JPEG bytes into the model input contract described in the module docstring.
+    """Decode PNG/JPEG/DICOM bytes into the model input contract described in the module docstring.
 
-    Raises an :class:`ImageError` subclass for any bad input; never lets a Pillow exception escape.
+    `display_max_side` also returns the grey image as displayed, at most that many pixels per side (heatmap
+    overlays are drawn on it). `dicom=True` parses the bytes as DICOM even without the Part 10 preamble
+    (some senders strip it; the client said `application/dicom`). Raises an :class:`ImageError` subclass
+    for any bad input; never lets a Pillow or pydicom exception escape.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -88,6 +102,8 @@ def prepare_image(
         raise ValueError(f"resize must be one of {sorted(_RESAMPLE)}, got {resize!r}")
     if not data:
         raise UndecodableImageError("not an image: got 0 bytes")
+    if dicom or looks_like_dicom(data):
+        return _prepare_dicom(data, size, resize, max_pixels, display_max_side)
 
     with _open(data) as img:
         width, height = img.size
@@ -110,16 +126,47 @@ def prepare_image(
             width, height = height, width
         grey, colourfulness = _to_grey(img)
 
-    resized = grey.resize((size, size), _RESAMPLE[resize])
-    plane = np.asarray(resized, dtype=np.uint8)
-    pixels = np.repeat(plane[:, :, None], 3, axis=2)  # C-contiguous copy
     return PreparedImage(
-        pixels=pixels,
+        pixels=_model_input(grey, size, resize),
         original_width=width,
         original_height=height,
         source_mode=source_mode,
         colourfulness=colourfulness,
+        display=None if display_max_side is None else _display(grey, display_max_side),
     )
+
+
+def _prepare_dicom(
+    data: bytes, size: int, resize: ResizeMethod, max_pixels: int, display_max_side: int | None
+) -> PreparedImage:
+    try:
+        decoded = read_dicom(data, max_pixels=max_pixels)
+    except DicomError as error:
+        kind = {413: ImageTooLargeError, 415: UnsupportedImageFormatError}.get(error.status, UndecodableImageError)
+        raise kind(error.reason) from error
+    grey = Image.fromarray(decoded.pixels, mode="L")
+    return PreparedImage(
+        pixels=_model_input(grey, size, resize),
+        original_width=grey.width,
+        original_height=grey.height,
+        source_mode=f"DICOM {decoded.photometric} {decoded.bits_stored}-bit",
+        colourfulness=decoded.colourfulness,
+        display=None if display_max_side is None else _display(grey, display_max_side),
+        dicom=decoded,
+    )
+
+
+def _model_input(grey: Image.Image, size: int, resize: ResizeMethod) -> np.ndarray:
+    """One grey channel stretched to size x size, replicated to 3 channels: (size, size, 3) uint8."""
+    plane = np.asarray(grey.resize((size, size), _RESAMPLE[resize]), dtype=np.uint8)
+    return np.repeat(plane[:, :, None], 3, axis=2)  # C-contiguous copy
+
+
+def _display(grey: Image.Image, max_side: int) -> np.ndarray:
+    """The grey image as displayed, shrunk (never enlarged) so its longer side is at most `max_side`."""
+    scale = min(1.0, max_side / max(grey.width, grey.height))
+    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    return np.asarray(grey if scale == 1.0 else grey.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def prepare_image_file(
@@ -132,7 +179,8 @@ def prepare_image_file(
     """Read a file and prepare it exactly as an upload would be (training/evaluation entry point)."""
     with open(path, "rb") as fh:
         data = fh.read()
-    return prepare_image(data, size=size, resize=resize, max_pixels=max_pixels)
+    dicom = str(path).lower().endswith(".dcm")
+    return prepare_image(data, size=size, resize=resize, max_pixels=max_pixels, dicom=dicom)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -147,14 +195,14 @@ def _open(data: bytes) -> Image.Image:
         with Image.open(io.BytesIO(data)) as other:
             fmt = other.format
     except Image.DecompressionBombError as exc:
-        raise UnsupportedImageFormatError("unsupported image format; send PNG or JPEG") from exc
+        raise UnsupportedImageFormatError("unsupported image format; send PNG, JPEG or DICOM") from exc
     except _DECODE_ERRORS:
         fmt = None
     if fmt is None:
         # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" adds nothing for a client.
         detail = "" if isinstance(first_error, UnidentifiedImageError) else f": {first_error}"
-        raise UndecodableImageError(f"not a PNG or JPEG image ({len(data)} bytes){detail}") from first_error
-    raise UnsupportedImageFormatError(f"{fmt} images are not supported; send PNG or JPEG")
+        raise UndecodableImageError(f"not a PNG, JPEG or DICOM image ({len(data)} bytes){detail}") from first_error
+    raise UnsupportedImageFormatError(f"{fmt} images are not supported; send PNG, JPEG or DICOM")
 
 
 def _to_grey(img: Image.Image) -> tuple[Image.Image, float]:

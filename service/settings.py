@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(30_000_000, ge=1, description="request body limit; more gets 413")
     max_pixels: int = Field(50_000_000, ge=1, description="decoded pixel limit per image; more gets 413")
     max_images_per_request: int = Field(16, ge=1)
+    abstain_min_router_probability: float | None = Field(
+        None, ge=0.0, le=1.0, description="abstain under this router top probability (default: bundle, else 0.5)"
+    )
+    abstain_max_colourfulness: float | None = Field(
+        None, ge=0.0, description="abstain above this colourfulness, 0..170 (default: bundle, else 12)"
+    )
+    heatmap_max_side: int = Field(512, ge=32, le=4096, description="longer side of heatmap overlays, pixels")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"

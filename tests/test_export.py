@@ -42,6 +42,7 @@ from training.architecture import (
     build_classifier,
     build_head,
     head_dense_weights,
+    feature_map_model,
     head_of,
 )
 
@@ -659,3 +660,47 @@ def test_export_options_are_checked_before_any_work(demo_set: ModelSet, tmp_path
     with pytest.raises(ExportError, match="at least 8"):
         export_bundle(demo_set, tmp_path / "b", ExportOptions(verify_images=7))
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grad-CAM at serving time (numpy, heads.npz + the bundle's feature map) equals TensorFlow's GradientTape
+
+
+def tape_grad_cam(specialist: keras.Model, image: np.ndarray) -> np.ndarray:
+    """Textbook Grad-CAM with TensorFlow: d(pre-softmax 'fractured' logit) / d(last conv map)."""
+    import tensorflow as tf
+
+    conv_model = feature_map_model(backbone_of(specialist))
+    dense = [layer for layer in head_of(specialist).layers if isinstance(layer, keras.layers.Dense)]
+    with tf.GradientTape() as tape:
+        conv, _ = conv_model([caffe(image[None])])
+        hidden = tf.reduce_mean(conv, axis=(1, 2))
+        for layer in dense[:-1]:
+            hidden = layer(hidden)
+        logits = tf.matmul(hidden, dense[-1].kernel) + dense[-1].bias  # before the softmax
+        score = logits[:, 0]  # 'fractured'
+    gradients = tape.gradient(score, conv)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(conv * weights, axis=-1))[0].numpy()
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+def test_serving_grad_cam_equals_gradient_tape_on_the_keras_model(
+    fused: Exported, demo_set: ModelSet, images: np.ndarray
+) -> None:
+    from service.heatmap import HeadBank, grad_cam
+
+    engine = Engine(load_bundle(fused.root))
+    bank = HeadBank.load(fused.root / HEADS_FILE)
+    compared = 0
+    for part in PARTS:
+        hints: list[str | None] = [part] * len(images)
+        predictions = predict_batch(engine, images, hints=hints, want_feature_map=[True] * len(images))
+        for image, prediction in zip(images, predictions, strict=True):
+            assert prediction.feature_map is not None
+            ours = grad_cam(prediction.feature_map, bank.specialist(part))
+            reference = tape_grad_cam(demo_set.specialists[part], image)
+            assert ours.shape == reference.shape == (7, 7)
+            np.testing.assert_allclose(ours, reference, atol=2e-3)
+            compared += int(reference.max() > 0)
+    assert compared >= len(PARTS)  # not only all-zero maps
