@@ -99,6 +99,76 @@ def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: tuple[subp
     assert local_answer["fracture"]["probability"] == pytest.approx(remote_answer["fracture"]["probability"], abs=1e-6)
 
 
+def _dicom_from_jpeg(path: Path, body_part: str) -> bytes:
+    """The FracAtlas JPEG's pixels as an 8-bit MONOCHROME2 DX DICOM file (no patient data)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "DX", body_part
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_clinical_features_on_the_demo_bundle(server: tuple[subprocess.Popen[str], str]) -> None:
+    """Heatmap, study, DICOM in and out, and abstention on the real (untrained) ResNet50 demo bundle."""
+    import base64
+    import io
+
+    import pydicom
+    from PIL import Image
+
+    _, url = server
+    paths = sorted((XRAY / "hand").rglob("*.jpg"))[:2]
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        answer = client.post("/v1/predict?heatmap=true", files=files[:1]).json()["predictions"][0]
+        heatmap = answer["heatmap"]
+        assert len(heatmap["grid"]) == 7
+        assert all(len(row) == 7 for row in heatmap["grid"])
+        overlay = Image.open(io.BytesIO(base64.b64decode(heatmap["overlay_png_base64"])))
+        assert overlay.size == (heatmap["width"], heatmap["height"])
+        assert isinstance(answer["abstained"], bool)
+        assert answer["abstention_reason"] if answer["abstained"] else answer["abstention_reason"] is None
+
+        study = client.post("/v1/studies", files=files)
+        assert study.status_code == 200, study.text
+        assert study.json()["study"]["images"] == 2
+        assert study.json()["model"]["trained"] is False
+
+        dicom = _dicom_from_jpeg(paths[0], "HAND")
+        from_dicom = client.post("/v1/predict", files={"file": ("x.dcm", dicom, "application/dicom")})
+        assert from_dicom.status_code == 200, from_dicom.text
+        body_part = from_dicom.json()["predictions"][0]["body_part"]
+        assert body_part["label"] == "hand"
+        assert body_part["source"] == "dicom"
+        assert body_part["router_label"] in ("elbow", "hand", "shoulder")
+
+        capture = client.post("/v1/predict?output=dicom", files={"file": ("x.dcm", dicom, "application/dicom")})
+        assert capture.status_code == 200, capture.text
+        out = pydicom.dcmread(io.BytesIO(capture.content))
+        assert out.StudyInstanceUID == pydicom.dcmread(io.BytesIO(dicom)).StudyInstanceUID
+        assert "RESEARCH USE ONLY" in out.SeriesDescription
+        assert "PatientName" not in out  # the input had none
+
+
 def test_sigterm_exits_cleanly(server: tuple[subprocess.Popen[str], str]) -> None:
     process, _ = server
     process.send_signal(signal.SIGTERM)

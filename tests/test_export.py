@@ -41,8 +41,8 @@ from training.architecture import (
     build_backbone,
     build_classifier,
     build_head,
-    head_dense_weights,
     feature_map_model,
+    head_dense_weights,
     head_of,
 )
 
