@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bundle bench-bundle bench-service
+.PHONY: setup serve test lint bundle bench-bundle bench-service system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian packages some tests drive for real (they skip, loudly, without them): PostgreSQL for the results
+# store, Chromium for the web page, Xvfb for the desktop client. Needs root or sudo.
+SYSTEM_PACKAGES := postgresql chromium xvfb
+system-deps:
+	@missing=""; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v Xvfb >/dev/null 2>&1 || missing="$$missing xvfb"; \
+	if [ -n "$$missing" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 $(BUNDLE)/manifest.json: | $(VENV)/.installed
 	$(BIN)/bfd export --demo --out $(BUNDLE)

@@ -96,10 +96,10 @@ async def predict(
         Literal["json", "dicom"], Query(description="dicom: a Secondary Capture for one DICOM input")
     ] = "json",
 ) -> Any:
-    tickets, uploads = await _admit_and_read(request, predictor, body_part, heatmap or output == "dicom")
+    tickets, uploads = await admit_and_read(request, predictor, body_part, heatmap or output == "dicom")
     if output == "dicom":
-        return await _unless_client_gone(request.receive, _dicom_answer(predictor, tickets, uploads))
-    predictions = await _unless_client_gone(request.receive, predictor.predict(tickets, uploads))
+        return await unless_client_gone(request.receive, _dicom_answer(predictor, tickets, uploads))
+    predictions = await unless_client_gone(request.receive, predictor.predict(tickets, uploads))
     return PredictResponse(predictions=predictions)
 
 
@@ -113,8 +113,8 @@ async def predict(
 async def studies(
     request: Request, predictor: PredictorDep, body_part: BodyPartQuery = None, heatmap: HeatmapQuery = False
 ) -> StudyResponse:
-    tickets, uploads = await _admit_and_read(request, predictor, body_part, heatmap)
-    return await _unless_client_gone(request.receive, predictor.predict_study(tickets, uploads))
+    tickets, uploads = await admit_and_read(request, predictor, body_part, heatmap)
+    return await unless_client_gone(request.receive, predictor.predict_study(tickets, uploads))
 
 
 async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploads: list[Upload]) -> Response:
@@ -131,7 +131,7 @@ async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploa
     )
 
 
-async def _admit_and_read(
+async def admit_and_read(
     request: Request, predictor: Predictor, body_part: str | None, heatmap: bool
 ) -> tuple[list[AnswerTicket], list[Upload]]:
     """Check the media type and size, reserve queue slots, then read and parse the body into uploads."""
@@ -215,9 +215,11 @@ async def _parse_multipart(
     except StarletteHTTPException as error:
         raise ServiceError(422, "invalid_multipart", f"malformed multipart body: {error.detail}") from error
     try:
-        files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        # 'file' is this API's field; 'image' the original system's FormData field (/api/analysis)
+        files = [f for key in ("file", "image") for f in form.getlist(key) if isinstance(f, UploadFile)]
         if not files:
             raise ServiceError(422, "missing_file", "multipart field 'file' (one or more images) is required")
+        given_name = form.get("image_name")
         hint = form.get("body_part")
         hint = hint if isinstance(hint, str) and hint else body_part
         wanted = form.get("heatmap")
@@ -225,6 +227,8 @@ async def _parse_multipart(
         uploads = []
         for index, file in enumerate(files):
             name = file.filename or f"image-{index + 1}"
+            if isinstance(given_name, str) and given_name.strip() and len(files) == 1:
+                name = given_name.strip()[:512]
             dicom = (file.content_type or "").lower() == "application/dicom" or name.lower().endswith(".dcm")
             uploads.append(Upload(await file.read(), name, hint, heatmap, dicom))
         return uploads
@@ -232,7 +236,7 @@ async def _parse_multipart(
         await form.close()
 
 
-async def _unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
+async def unless_client_gone(receive: Receive, work: Awaitable[T]) -> T:
     """Await `work`, but cancel it if the client disconnects: its queued images are then skipped."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(receive))

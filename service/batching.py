@@ -190,7 +190,7 @@ class DynamicBatcher(Generic[In, Out]):
         if self._worker is not None and not self._worker.done():
             try:
                 await asyncio.wait_for(self._worker, timeout_s)  # on timeout: cancels the worker, waits
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 logger.warning("%s: stop() timed out after %s s; failing the rest", self._name, timeout_s)
         self._closed = True
         if self._executor is not None:
@@ -257,7 +257,7 @@ class DynamicBatcher(Generic[In, Out]):
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop) -> None:

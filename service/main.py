@@ -1,4 +1,4 @@
-"""The app factory: `create_app(settings)`; the lifespan opens the bundle and starts the batcher."""
+"""The app factory: `create_app(settings)`; the lifespan opens the bundle, starts the batcher, opens the store."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.analysis_api import router as analysis_router
 from service.api import router
 from service.bundle import load_bundle
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.pages import mount_pages
 from service.predictor import Predictor
 from service.schemas import DISCLAIMER, UNTRAINED_WARNING
 from service.settings import Settings
+from service.store import ResultsStore, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictor = Predictor(bundle, settings, metrics)
         await predictor.start()
         app.state.predictor = predictor
+        store = ResultsStore(settings.database_url)
+        app.state.store = store
+        try:
+            await store.ensure_ready()
+        except StoreUnavailableError as error:  # predictions do not need it; storage routes retry and say 503
+            log.warning("%s; /api/analysis answers 503 until it is back", error)
         app.state.ready = True
         log.info("ready: %s %s on %s", bundle.model_name, bundle.model_version, predictor.engine.active_provider)
         try:
@@ -38,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.state.ready = False
             await predictor.stop()
+            await store.close()
 
     app = FastAPI(
         title="Bone-fracture detection",
@@ -51,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(analysis_router)
+    mount_pages(app)
     paths = frozenset(getattr(route, "path", "") for route in [*app.routes, *router.routes]) - {""}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
     return app

@@ -55,7 +55,9 @@ class HeatmapAnswer(BaseModel):
     )
     body_part: str = Field(description="whose specialist the map explains")
     grid: list[list[float]] = Field(description="the coarse map, rows top to bottom, values 0..1")
-    overlay_png_base64: str = Field(description="PNG: the map over the radiograph, aspect kept")
+    overlay_png_base64: str | None = Field(
+        description="PNG: the map over the radiograph, aspect kept (null in stored results: it is derived)"
+    )
     width: int
     height: int
 

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     abstain_max_colourfulness: float | None = Field(
         None, ge=0.0, description="abstain above this colourfulness, 0..170 (default: bundle, else 12)"
     )
+    database_url: str = Field(
+        "sqlite+aiosqlite:///bfd-results.sqlite3",
+        description="results store: sqlite+aiosqlite:///FILE (default, embedded) or postgresql+asyncpg://...",
+    )
+    store_images: bool = Field(False, description="also keep the uploaded image bytes in the results store")
     heatmap_max_side: int = Field(512, ge=32, le=4096, description="longer side of heatmap overlays, pixels")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

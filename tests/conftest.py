@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# Every app a test builds (and every `bfd serve` it starts) keeps its results in a throwaway SQLite file,
+# never in the working directory; tests that care pass their own BFD_DATABASE_URL / database_url.
+_RESULTS = tempfile.mkdtemp(prefix="bfd-test-results-")
+os.environ.setdefault("BFD_DATABASE_URL", f"sqlite+aiosqlite:///{_RESULTS}/results.sqlite3")
 
 
 @pytest.fixture

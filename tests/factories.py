@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ FEATURE_CHANNELS = 2048
 ROUTER_SHARPNESS = 50.0
 HEADS_FILE = "heads.npz"
 DEFAULT_PARTS = ("elbow", "hand", "shoulder")
-CREATED_AT = datetime(2025, 1, 1, tzinfo=timezone.utc)  # fixed, so the same arguments give the same bytes
+CREATED_AT = datetime(2025, 1, 1, tzinfo=UTC)  # fixed, so the same arguments give the same bytes
 
 
 # --- images ------------------------------------------------------------------------------------------------
