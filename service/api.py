@@ -21,6 +21,7 @@ from service.answers import bundle_warnings, model_answer
 from service.errors import ServiceError
 from service.predictor import AnswerTicket, Predictor, Upload, release_all
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse, StudyResponse
+from service.security import ApiKeyDep
 
 router = APIRouter()
 T = TypeVar("T")
@@ -82,6 +83,7 @@ HeatmapQuery = Annotated[bool, Query(description="also return a Grad-CAM overlay
 
 @router.post(
     "/v1/predict",
+    dependencies=[ApiKeyDep],
     response_model=PredictResponse,
     responses={**_ERRORS, **_DICOM_RESPONSE},
     openapi_extra=_PREDICT_BODY,
@@ -105,6 +107,7 @@ async def predict(
 
 @router.post(
     "/v1/studies",
+    dependencies=[ApiKeyDep],
     response_model=StudyResponse,
     responses=_ERRORS,
     openapi_extra=_PREDICT_BODY,
@@ -257,7 +260,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-@router.get("/v1/models", response_model=ModelsResponse, summary="The bundle being served")
+@router.get("/v1/models", dependencies=[ApiKeyDep], response_model=ModelsResponse, summary="The bundle being served")
 async def models(predictor: PredictorDep) -> ModelsResponse:
     manifest = predictor.manifest
     settings = predictor.settings

@@ -16,6 +16,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.pages import mount_pages
 from service.predictor import Predictor
 from service.schemas import DISCLAIMER, UNTRAINED_WARNING
+from service.security import ApiKeyDep, install_cors
 from service.settings import Settings
 from service.store import ResultsStore, StoreUnavailableError
 
@@ -61,8 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ready = False
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(analysis_router)
+    app.include_router(analysis_router, dependencies=[ApiKeyDep])
     mount_pages(app)
+    install_cors(app, settings.cors_origins)
     paths = frozenset(getattr(route, "path", "") for route in [*app.routes, *router.routes]) - {""}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
     return app

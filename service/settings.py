@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import PROVIDER_NAMES, default_intra_op_threads
 
@@ -16,7 +17,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BFD_", extra="forbid")
 
     bundle: Path = Field(Path("models/demo"), description="bundle folder written by `bfd export`")
-    providers: list[str] = Field(["auto"], description="onnxruntime providers in order: auto|cuda|tensorrt|cpu")
+    # NoDecode: the environment gives comma-separated lists (BFD_PROVIDERS=cuda,cpu), not JSON
+    providers: Annotated[list[str], NoDecode] = Field(
+        ["auto"], description="onnxruntime providers in order: auto|cuda|tensorrt|cpu"
+    )
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads (default: all cores)")
     decode_threads: int | None = Field(None, ge=1, description="decode pool size (default: all cores)")
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
@@ -37,10 +41,28 @@ class Settings(BaseSettings):
         description="results store: sqlite+aiosqlite:///FILE (default, embedded) or postgresql+asyncpg://...",
     )
     store_images: bool = Field(False, description="also keep the uploaded image bytes in the results store")
+    api_key: SecretStr | None = Field(
+        None, description="when set, every /v1 and /api request needs it (X-API-Key or Authorization: Bearer)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="browser origins allowed to call the API, e.g. https://x.org"
+    )
     heatmap_max_side: int = Field(512, ge=32, le=4096, description="longer side of heatmap overlays, pixels")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):  # BFD_CORS_ORIGINS=https://a.org,https://b.org
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("providers", mode="before")
     @classmethod
