@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import numpy as np
 import onnx
+from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -303,6 +306,24 @@ def build_tiny_bundle(
     )
     write_manifest(root, manifest)
     return root
+
+
+# --- serving a bundle in-process (the real app and lifespan, no network) ------------------------------------
+
+
+@asynccontextmanager
+async def serving(bundle: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app on `bundle` with its lifespan running, and an async client talking to it over ASGI."""
+    from asgi_lifespan import LifespanManager
+
+    from service.main import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(bundle=bundle, **settings))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield app, client
 
 
 # --- editing a bundle (for tests of refusals) --------------------------------------------------------------

@@ -7,14 +7,12 @@ import base64
 import io
 import threading
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from asgi_lifespan import LifespanManager
 from factories import (
     DEFAULT_PARTS,
     build_tiny_bundle,
@@ -23,8 +21,8 @@ from factories import (
     encode_png,
     expected_m,
     image_for_part,
+    serving,
 )
-from fastapi import FastAPI
 from PIL import Image
 
 from service.main import create_app
@@ -34,15 +32,6 @@ from service.settings import Settings
 pytestmark = pytest.mark.anyio
 
 XRAY = Path(__file__).parent / "data" / "xray"  # FracAtlas, CC BY 4.0: see tests/data/xray/README.md
-
-
-@asynccontextmanager
-async def serving(bundle: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(Settings(bundle=bundle, **settings))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
-            yield app, client
 
 
 @pytest.fixture(params=["fused", "split"])

@@ -10,15 +10,12 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
 import pydicom
 import pytest
-from asgi_lifespan import LifespanManager
 from factories import (
     DEFAULT_PARTS,
     HEADS_FILE,
@@ -26,18 +23,16 @@ from factories import (
     encode_png,
     image_for_part,
     read_manifest_json,
+    serving,
     write_manifest_json,
 )
-from fastapi import FastAPI
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from service.dicom_output import SECONDARY_CAPTURE
-from service.main import create_app
 from service.predictor import Predictor, Upload
 from service.preprocessing import prepare_image
-from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -45,15 +40,6 @@ PARTS = list(DEFAULT_PARTS)
 OFFSETS = {"elbow": -0.1, "hand": 0.1, "shoulder": 0.0}
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-0042"
-
-
-@asynccontextmanager
-async def serving(bundle: Path, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(Settings(bundle=bundle, **settings))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
-            yield app, client
 
 
 @pytest.fixture(params=["fused", "split"])

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from factories import build_tiny_bundle, encode_png, image_for_part
-from test_api import serving, until
+from factories import build_tiny_bundle, encode_png, image_for_part, serving
+from test_api import until
 
 pytestmark = pytest.mark.anyio
 

@@ -37,26 +37,29 @@ def test_core_service_modules_exist() -> None:
         assert f"service.{name}" in modules
 
 
-def test_importing_every_service_module_loads_no_tensorflow() -> None:
+def loaded_roots(modules: list[str] | tuple[str, ...]) -> set[str]:
+    """Top-level packages loaded after importing `modules` in a fresh interpreter."""
     script = textwrap.dedent(
         """
         import importlib, json, sys
-        modules = json.loads(sys.argv[1])
-        for name in modules:
+        for name in json.loads(sys.argv[1]):
             importlib.import_module(name)
-        roots = sorted({name.split(".")[0] for name in sys.modules})
-        print(json.dumps(roots))
+        print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(service_modules())],
+        [sys.executable, "-c", script, json.dumps(list(modules))],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_every_service_module_loads_no_tensorflow() -> None:
+    loaded = loaded_roots(service_modules())
     assert "service" in loaded  # the probe really imported something
     assert "onnxruntime" in loaded  # ...including the engine
     leaked = sorted(loaded & set(FORBIDDEN_IMPORTS))
@@ -122,22 +125,6 @@ TENSORFLOW_FREE_TRAINING = (
 
 
 def test_evaluation_and_dataset_modules_load_no_tensorflow() -> None:
-    script = textwrap.dedent(
-        """
-        import importlib, json, sys
-        for name in json.loads(sys.argv[1]):
-            importlib.import_module(name)
-        print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(TENSORFLOW_FREE_TRAINING)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    loaded = loaded_roots(TENSORFLOW_FREE_TRAINING)
     assert {"training", "onnxruntime", "matplotlib"} <= loaded
     assert sorted(loaded & set(FORBIDDEN_RUNTIME)) == []

@@ -13,20 +13,13 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from asgi_lifespan import LifespanManager
-from factories import build_tiny_bundle, encode_png, image_for_part
-from fastapi import FastAPI
+from factories import build_tiny_bundle, encode_png, image_for_part, serving
 from postgres_server import PostgresServer, PostgresUnavailable, free_port, start_postgres
 
-from service.main import create_app
-from service.settings import Settings
 from service.store import Analysis, ResultsStore
 
 pytestmark = pytest.mark.anyio
@@ -75,22 +68,13 @@ def bundle(tmp_path: Path) -> Path:
     return build_tiny_bundle(tmp_path / "bundle")
 
 
-@asynccontextmanager
-async def serving(bundle: Path, url: str, **settings: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(Settings(bundle=bundle, database_url=url, **settings))
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            yield app, client
-
-
 def png(index: int, shift: int = 0) -> bytes:
     return encode_png(image_for_part(index, 3, shift)[:40, :50])
 
 
 async def test_analysis_is_stored_and_read_back(bundle: Path, database_url: str) -> None:
     data = png(1, 3)
-    async with serving(bundle, database_url) as (_, client):
+    async with serving(bundle, database_url=database_url) as (_, client):
         created = await client.post(
             "/api/analysis?heatmap=true",
             files={"image": ("upload.png", data, "image/png")},
@@ -113,7 +97,7 @@ async def test_analysis_is_stored_and_read_back(bundle: Path, database_url: str)
 
 
 async def test_history_is_newest_first_paginated_and_filtered(bundle: Path, database_url: str) -> None:
-    async with serving(bundle, database_url) as (_, client):
+    async with serving(bundle, database_url=database_url) as (_, client):
         ids = []
         for index, name in enumerate(["a.png", "b.png", "a.png", "c.png", "a.png"]):
             response = await client.post("/api/analysis", files={"image": (name, png(index % 3))})
@@ -129,7 +113,7 @@ async def test_history_is_newest_first_paginated_and_filtered(bundle: Path, data
 
 
 async def test_unknown_id_and_bad_requests_are_clear_4xx(bundle: Path, database_url: str) -> None:
-    async with serving(bundle, database_url) as (_, client):
+    async with serving(bundle, database_url=database_url) as (_, client):
         missing = await client.get("/api/analysis/999999")
         not_an_image = await client.post("/api/analysis", files={"image": ("x.png", b"not an image")})
         two = await client.post("/api/analysis", files=[("image", ("a.png", png(0))), ("image", ("b.png", png(1)))])
@@ -145,7 +129,7 @@ async def test_unknown_id_and_bad_requests_are_clear_4xx(bundle: Path, database_
 
 async def test_concurrent_writers_lose_nothing(bundle: Path, database_url: str) -> None:
     images = [encode_png(image_for_part(i % 3, 3, i % 7 - 3)[: 30 + i, :40]) for i in range(40)]
-    async with serving(bundle, database_url, max_queue_size=64) as (_, client):
+    async with serving(bundle, database_url=database_url, max_queue_size=64) as (_, client):
         responses = await asyncio.gather(
             *(client.post("/api/analysis", files={"image": (f"img{i}.png", d)}) for i, d in enumerate(images))
         )
@@ -160,7 +144,7 @@ async def test_concurrent_writers_lose_nothing(bundle: Path, database_url: str) 
 async def test_image_bytes_are_kept_only_when_enabled(bundle: Path, database_url: str) -> None:
     data = png(2)
     for keep in (False, True):
-        async with serving(bundle, database_url, store_images=keep) as (app, client):
+        async with serving(bundle, database_url=database_url, store_images=keep) as (app, client):
             record = (await client.post("/api/analysis", files={"image": ("s.png", data)})).json()
             store: ResultsStore = app.state.store
             row = await store.get(record["id"])
@@ -169,9 +153,9 @@ async def test_image_bytes_are_kept_only_when_enabled(bundle: Path, database_url
 
 
 async def test_results_survive_a_restart_and_the_schema_is_at_head(bundle: Path, database_url: str) -> None:
-    async with serving(bundle, database_url) as (_, client):
+    async with serving(bundle, database_url=database_url) as (_, client):
         first = (await client.post("/api/analysis", files={"image": ("keep.png", png(0))})).json()
-    async with serving(bundle, database_url) as (app, client):  # a new process: migrations run again
+    async with serving(bundle, database_url=database_url) as (app, client):  # a new process: migrations run again
         again = await client.get(f"/api/analysis/{first['id']}")
         store: ResultsStore = app.state.store
         async with store.engine.connect() as connection:
@@ -183,7 +167,7 @@ async def test_results_survive_a_restart_and_the_schema_is_at_head(bundle: Path,
 
 async def test_unreachable_store_costs_only_storage_routes(bundle: Path) -> None:
     url = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nowhere"  # nothing listens there
-    async with serving(bundle, url) as (_, client):
+    async with serving(bundle, database_url=url) as (_, client):
         predicted = await client.post("/v1/predict", files={"file": ("a.png", png(1))})
         stored = await client.post("/api/analysis", files={"image": ("a.png", png(1))})
         listed = await client.get("/api/analysis")
@@ -198,7 +182,7 @@ async def test_unreachable_store_costs_only_storage_routes(bundle: Path) -> None
 async def test_store_recovers_without_a_restart(bundle: Path, postgres: PostgresServer) -> None:
     postgres.stop()
     try:
-        async with serving(bundle, postgres.url) as (_, client):
+        async with serving(bundle, database_url=postgres.url) as (_, client):
             down = await client.post("/api/analysis", files={"image": ("a.png", png(0))})
             postgres.start()
             up = await client.post("/api/analysis", files={"image": ("a.png", png(0))})
@@ -224,7 +208,7 @@ def test_sqlite_file_is_a_real_sqlite_database_with_the_table(tmp_path: Path) ->
     bundle = build_tiny_bundle(tmp_path / "b")
 
     async def one() -> None:
-        async with serving(bundle, f"sqlite+aiosqlite:///{path}") as (_, client):
+        async with serving(bundle, database_url=f"sqlite+aiosqlite:///{path}") as (_, client):
             await client.post("/api/analysis", files={"image": ("x.png", png(0))})
 
     asyncio.run(one())
