@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ class DicomImage:
     bits_stored: int
     transfer_syntax: str
     body_part_examined: str | None  # upper-case tag value, when present
-    dataset: Any  # the parsed pydicom Dataset: for the DICOM output only, never logged or returned
+    dataset: Any = field(repr=False)  # the parsed pydicom Dataset: for the DICOM output only, never logged or returned
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -98,17 +98,14 @@ def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
             f"image is {columns}x{rows} = {rows * columns} pixels, more than the limit of {max_pixels}", 413
         )
     syntax = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "") or "implicit")
-    try:
-        array = dataset.pixel_array
-    except (NotImplementedError, RuntimeError, ImportError) as error:
-        name = getattr(getattr(dataset.file_meta, "TransferSyntaxUID", None), "name", syntax)
-        raise DicomError(f"DICOM transfer syntax {name} cannot be decoded here: {error}", 415) from error
-    except Exception as error:  # truncated or corrupt pixel data surfaces as many types
-        raise DicomError(f"the DICOM pixel data cannot be decoded: {type(error).__name__}: {error}") from error
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        array = array[0]  # a multi-frame radiograph: its first frame
+    try:
+        # Only the first frame is decoded: max_pixels bounds one frame, and decoding every frame of a
+        # multi-frame file would let a few kilobytes of compressed frames claim gigabytes.
+        dataset.pixel_array_options(index=0)
+        array = dataset.pixel_array
+    except Exception as error:  # truncated or corrupt pixel data surfaces as many types
+        array = _decode_fallback(dataset, syntax, samples, error)
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if samples == 3 or array.ndim == 3:
         pixels, colourfulness = _colour_to_grey(array, dataset)
@@ -124,6 +121,80 @@ def read_dicom(data: bytes, *, max_pixels: int) -> DicomImage:
         body_part_examined=str(body_part).strip().upper() if body_part else None,
         dataset=dataset,
     )
+
+
+def _decode_fallback(dataset: Any, syntax: str, samples: int, error: Exception) -> np.ndarray:
+    """The first frame when pydicom's plugins failed, else the DicomError to answer with.
+
+    pydicom's GDCM plugin refuses 12-bit JPEG Extended (the common lossy syntax for 12-bit radiographs)
+    although GDCM itself decodes it; the only plugin pydicom accepts for it is GPL. So a grey, unsigned
+    12-bit JPEG Extended frame is handed to GDCM directly. Otherwise: 415 when no installed decoder reads
+    the transfer syntax at all, 422 when one does and the data is corrupt or truncated.
+    """
+    from pydicom.uid import JPEGExtended12Bit
+
+    name = getattr(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None), "name", syntax)
+    bits = int(getattr(dataset, "BitsStored", 8) or 8)
+    if syntax == JPEGExtended12Bit and bits > 8:
+        if samples != 1 or int(getattr(dataset, "PixelRepresentation", 0) or 0) != 0:
+            raise DicomError(f"DICOM transfer syntax {name} cannot be decoded here for colour or signed data", 415)
+        try:
+            return _gdcm_jpeg_12bit(dataset)
+        except Exception as gdcm_error:
+            raise DicomError(
+                f"the DICOM pixel data cannot be decoded: {type(gdcm_error).__name__}: {gdcm_error}"
+            ) from gdcm_error
+    if not _decoder_installed(syntax):
+        raise DicomError(f"DICOM transfer syntax {name} cannot be decoded here: {error}", 415) from error
+    raise DicomError(f"the DICOM pixel data cannot be decoded: {type(error).__name__}: {error}") from error
+
+
+def _decoder_installed(syntax: str) -> bool:
+    """Whether an installed pixel-data plugin reads this transfer syntax (the uncompressed ones always)."""
+    from pydicom.pixels import get_decoder
+
+    if syntax == "implicit":  # no file meta: pydicom reads it as uncompressed
+        return True
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except (NotImplementedError, ValueError, ImportError):
+        return False
+
+
+def _gdcm_jpeg_12bit(dataset: Any) -> np.ndarray:
+    """The first frame of grey, unsigned 12-bit JPEG Extended pixel data, decoded by GDCM: (rows, columns) uint16."""
+    import gdcm
+    from pydicom.encaps import get_frame
+
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    extended = None
+    if "ExtendedOffsetTable" in dataset and "ExtendedOffsetTableLengths" in dataset:
+        extended = (dataset.ExtendedOffsetTable, dataset.ExtendedOffsetTableLengths)
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(get_frame(dataset.PixelData, 0, number_of_frames=frames, extended_offsets=extended))
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetValue(fragments.__ref__())
+    image = gdcm.Image()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((columns, rows, 1))
+    image.SetDataElement(element)
+    kind = gdcm.PhotometricInterpretation.GetPIType(str(dataset.PhotometricInterpretation))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(kind))
+    image.SetTransferSyntax(
+        gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(dataset.file_meta.TransferSyntaxUID)))
+    )
+    bits = int(dataset.BitsStored)
+    image.SetPixelFormat(gdcm.PixelFormat(1, 16, bits, bits - 1, 0))
+    buffer = image.GetBuffer()
+    if buffer is None:
+        raise ValueError("GDCM could not decode the JPEG Extended frame")
+    raw = buffer.encode("utf-8", "surrogateescape")  # GDCM hands char* back as str
+    if len(raw) != rows * columns * 2:
+        raise ValueError(f"GDCM decoded {len(raw)} bytes, expected {rows * columns * 2}")
+    return np.frombuffer(raw, dtype="<u2").reshape(rows, columns).copy()
 
 
 def _render_grey(array: np.ndarray, dataset: Any, photometric: str) -> np.ndarray:
