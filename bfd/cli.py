@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "train": ("training.train_cli", "train the router and the fracture specialists on MURA"),
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on the test split with clinical metrics"),
     "make-synthetic": ("training.synthetic_cli", "write a small synthetic dataset in MURA's layout (tests, demos)"),
+    "desktop": ("desktop.cli", "open the desktop window over a bundle in-process or a running server"),
 }
 
 
