@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test lint bundle bench-bundle bench-service system-deps
+.PHONY: setup serve test lint bundle bench-bundle bench-service bench-load bench-gpu system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # One environment for the developer loop: the serving install plus the export (TensorFlow) and test extras.
 # The service itself never imports TensorFlow (tests/test_import_boundaries.py); the Dockerfile installs without it.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[train,test]'
+	$(BIN)/python -m pip install --quiet -e '.[train,test,load]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -45,7 +45,7 @@ serve: setup bundle
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service training
+	$(BIN)/mypy service training desktop
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
@@ -58,3 +58,13 @@ bench-bundle: setup bundle
 # In-process ceiling, then HTTP throughput and latency at concurrency 1, 8, 32 (figures in loadtest/results/).
 bench-service: setup bundle
 	$(BIN)/python -m loadtest.bench_service --bundle $(BUNDLE) --images tests/data/xray
+
+# Under load: ours vs the naive ONNX endpoint vs the original-style Keras pipeline at concurrency 1, 8, 32, then
+# open-loop arrivals at 50% and 90% of capacity and 2x overload for 60 s (figures in loadtest/results/).
+bench-load: setup bundle
+	$(BIN)/python -m loadtest.bench_load --bundle $(BUNDLE) --images tests/data/xray --duration-s 20 --warmup-s 5 \
+		--concurrency 1 8 32 --overload-s 60 --naive-tuned --out loadtest/results
+
+# On a machine with an NVIDIA GPU and onnxruntime-gpu: CUDA provider, IOBinding, fp16 vs fp32, batch 1 to 64.
+bench-gpu: setup bundle
+	$(BIN)/python -m loadtest.bench_gpu --bundle $(BUNDLE) --images tests/data/xray --out loadtest/results

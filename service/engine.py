@@ -117,6 +117,10 @@ class Engine:
         return self.active_providers[0]
 
     def _open(self, name: str, expected_outputs: list[str]) -> ort.InferenceSession:
+        # Medical-imaging deployments send nothing home: onnxruntime's own telemetry off (the images also set
+        # ORT_DISABLE_TELEMETRY=1 for the native side).
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1

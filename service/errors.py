@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,30 @@ class InferenceFailedError(ServiceError):
         super().__init__(500, "inference_failed", f"inference failed for this batch: {reason}")
 
 
+class _SheddingLog:
+    """Logs load shedding (503 overloaded / shutting down) once per interval with a count, not once per request.
+
+    Under 2x overload the service refuses thousands of requests a minute by design; a line each would drown
+    the log that operators read, and /metrics already counts every one of them.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._last = -math.inf
+        self._suppressed = 0
+
+    def record(self, code: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            self._suppressed += 1
+            return
+        extra = f" (and {self._suppressed} more refused since the last line)" if self._suppressed else ""
+        log.warning("refusing requests with 503 %s: %s%s", code, reason, extra)
+        self._last, self._suppressed = now, 0
+
+
+_SHEDDING_CODES = frozenset({"overloaded", "shutting_down"})
+
 _IMAGE_CODES = {413: "image_too_large", 415: "unsupported_media_type", 422: "undecodable_image"}
 
 
@@ -53,10 +78,13 @@ def error_body(status: int, code: str, reason: str) -> dict[str, object]:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on the app."""
+    shedding = _SheddingLog()
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
-        if error.status >= 500:
+        if error.code in _SHEDDING_CODES:
+            shedding.record(error.code, error.reason)
+        elif error.status >= 500:
             log.error("%s %s -> %d %s", request.method, request.url.path, error.status, error.reason)
         return JSONResponse(error_body(error.status, error.code, error.reason), error.status, error.headers)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,10 +113,15 @@ class ResultsStore:
             if self._migrated:
                 return
             try:
-                async with asyncio.timeout(30), self.engine.begin() as connection:
+                async with asyncio.timeout(30), _process_migration_lock(), self.engine.begin() as connection:
                     await connection.run_sync(_upgrade_to_head)
             except _UNAVAILABLE as error:
                 raise StoreUnavailableError(_reason(error)) from error
+            except Exception as error:  # a failed migration must not take predictions down with it
+                log.exception("results store migration failed")
+                raise StoreUnavailableError(
+                    f"results store migration failed ({type(error).__name__}: {error})"
+                ) from error
             self._migrated = True
             log.info("results store ready at %s", _redacted(self.url))
 
@@ -186,6 +193,22 @@ def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+# Alembic keeps its migration context in module globals, so two stores migrating at once in one process (two
+# apps in one test run, the desktop's in-process client next to a server) would trip over each other.
+_MIGRATING = threading.Lock()
+
+
+@contextlib.asynccontextmanager
+async def _process_migration_lock() -> AsyncIterator[None]:
+    """Hold the process-wide migration lock without blocking the event loop (it may be held on this loop)."""
+    while not _MIGRATING.acquire(blocking=False):
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        _MIGRATING.release()
 
 
 def _upgrade_to_head(connection: Any) -> None:

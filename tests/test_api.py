@@ -238,6 +238,32 @@ async def test_full_queue_refuses_at_once_with_retry_after(tmp_path: Path) -> No
     assert after.status_code == 200  # serving normally again
 
 
+async def test_refusals_under_overload_log_one_warning_not_one_error_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shedding load is the design, not a fault: operators get one WARNING per interval, /metrics the count."""
+    bundle = build_tiny_bundle(tmp_path)
+    async with serving(bundle, max_queue_size=1, max_batch_size=1) as (app, client):
+        gate = Gate(app.state.predictor)
+        running = asyncio.create_task(client.post("/v1/predict", files={"file": ("r.png", png_for_part(0))}))
+        await gate.wait_entered()
+        queued = asyncio.create_task(client.post("/v1/predict", files={"file": ("q.png", png_for_part(1))}))
+        await until(lambda: app.state.predictor.batcher.queued == 1)
+        with caplog.at_level("DEBUG", logger="service.errors"):
+            refused = [
+                await client.post("/v1/predict", files={"file": (f"x{i}.png", png_for_part(2))}) for i in range(25)
+            ]
+        gate.release.set()
+        await asyncio.gather(running, queued)
+        metrics = (await client.get("/metrics")).text
+    assert [r.status_code for r in refused] == [503] * 25
+    records = [r for r in caplog.records if r.name == "service.errors"]
+    assert len(records) == 1
+    assert records[0].levelname == "WARNING"
+    assert "overloaded" in records[0].getMessage()
+    assert 'bfd_requests_total{route="/v1/predict",status="503"} 25.0' in metrics
+
+
 async def test_client_gone_is_skipped_before_inference(tmp_path: Path) -> None:
     bundle = build_tiny_bundle(tmp_path)
     async with serving(bundle) as (app, client):
