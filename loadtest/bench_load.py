@@ -57,6 +57,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.bench_service import SIZES_PX, make_uploads
+from service.bundle import load_bundle
 
 PREDICT = "/v1/predict"
 Upload = tuple[str, bytes]
@@ -709,6 +710,11 @@ def run_baseline(
     return result
 
 
+def _precision(bundle: Path) -> str:
+    """fp32 or int8: ratios between servers only compare like with like when these agree."""
+    return str(load_bundle(bundle).manifest.precision)
+
+
 def ensure_split_bundle(args: argparse.Namespace, log_dir: Path) -> Path:
     """The split bundle for the naive baseline: given, found in loadtest/results, or exported once now."""
     command = [sys.executable, "-m", "loadtest.baselines", "split-bundle", "--bundle", str(args.bundle)]
@@ -753,6 +759,9 @@ def targets(report: Json) -> Json:
         key = f"ours_vs_{baseline}_at_c{top}"
         ratio = report["ratios"].get(f"ours_vs_{baseline}", {}).get(top, {}).get("throughput")
         out[key] = {"wanted": wanted, "measured": ratio, "met": None if ratio is None else ratio >= wanted}
+        theirs = report["config"].get("split_bundle_precision")
+        if baseline.startswith("naive") and theirs not in (None, report["config"]["bundle_precision"]):
+            out[key]["like_for_like"] = False  # e.g. our INT8 bundle vs the naive fp32 graphs: say so
     overload = report["servers"]["ours"]["overload"]
     out["overload_only_503_and_recovers"] = {
         "met": bool(overload["only_503_refusals"] and overload["recovered"].get("status") == 200),
@@ -818,6 +827,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_description(),
         "config": {
             "bundle": str(args.bundle),
+            "bundle_precision": _precision(args.bundle),
             "images": str(args.images),
             "uploads": len(uploads),
             "upload_sides_px": args.sizes,
@@ -848,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split = None
         if split is not None:
             report["config"]["split_bundle"] = str(split)
+            report["config"]["split_bundle_precision"] = _precision(split)
             command = [sys.executable, "-m", "loadtest.baselines", "naive", "--bundle", str(args.bundle)]
             command += ["--split-bundle", str(split)]
             servers["naive"] = run_baseline("naive", command, bodies, args, log_dir)
@@ -910,7 +921,9 @@ def render_markdown(report: Json) -> str:
         f"{machine['load_average_at_start']}, at end {machine.get('load_average_at_end')}. Started "
         f"{report['started_at']}.",
         "",
-        f"Bundle `{config['bundle']}`; {config['uploads']} JPEG uploads ({config['upload_kb_min_max'][0]:.0f}-"
+        f"Bundle `{config['bundle']}` ({config.get('bundle_precision', '?')}; the naive baseline runs "
+        f"`{config.get('split_bundle', '-')}`, {config.get('split_bundle_precision', '-')}); "
+        f"{config['uploads']} JPEG uploads ({config['upload_kb_min_max'][0]:.0f}-"
         f"{config['upload_kb_min_max'][1]:.0f} KB, longest side {config['upload_sides_px']} px). Each step: "
         f"{config['warmup_s']:g} s warm-up (not counted), then {config['duration_s']:g} s measured. The load "
         "generator runs on the same machine (its CPU% is the 'client CPU' column).",
