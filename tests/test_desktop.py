@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ except ImportError as missing:  # pragma: no cover - depends on the interpreter 
     )
 from factories import DEFAULT_PARTS, build_tiny_bundle, serving
 from PIL import Image, ImageGrab
+from processes import bfd_serve, free_port
 
 from desktop import cli as desktop_cli
 from desktop.app import TITLE, DesktopApp
@@ -45,7 +45,6 @@ pytestmark = pytest.mark.slow
 # FracAtlas (Abedeen et al., Scientific Data 10, 521 (2023)), CC BY 4.0: see tests/data/xray/README.md
 HAND = Path(__file__).parent / "data" / "xray" / "hand" / "fractured" / "fracatlas_IMG0003396.jpg"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-BFD = [sys.executable, "-m", "bfd.cli"]
 
 
 # --- the X server, the bundle and the reference answers ----------------------------------------------------
@@ -278,48 +277,10 @@ def test_describe_dicom_source_abstention_and_a_trained_model(tmp_path: Path) ->
 # --- over real HTTP: `bfd serve` as a process ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    # Its own results store: two processes migrating one SQLite file at once is a race this test is not about.
-    folder = tmp_path_factory.mktemp("serve")
-    store, log = folder / "results.sqlite3", folder / "serve.log"  # a log file: a pipe nobody drains can fill
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*BFD, "serve", "--bundle", str(bundle), "--port", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "BFD_DATABASE_URL": f"sqlite+aiosqlite:///{store}"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"bfd serve exited early: {log.read_text(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("bfd serve did not become ready in 120 s")
-        yield url
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with bfd_serve(bundle, tmp_path_factory.mktemp("serve")) as served:
+        yield served.url
 
 
 def test_http_client_against_bfd_serve(server: str, expected: dict[str, Any], tmp_path: Path) -> None:
@@ -338,7 +299,7 @@ def test_http_client_against_bfd_serve(server: str, expected: dict[str, Any], tm
         assert refused.value.detail
         with pytest.raises(ClientError, match="cannot read"):
             client.predict(tmp_path / "missing.png")
-    with pytest.raises(ClientError) as unreachable, HttpClient(f"http://127.0.0.1:{_free_port()}") as nobody:
+    with pytest.raises(ClientError) as unreachable, HttpClient(f"http://127.0.0.1:{free_port()}") as nobody:
         nobody.predict(HAND)
     assert unreachable.value.status == 0
 

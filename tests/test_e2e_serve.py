@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from processes import BFD, ServeProcess, bfd_serve
 
 XRAY = Path(__file__).parent / "data" / "xray"  # FracAtlas, CC BY 4.0: see tests/data/xray/README.md
-BFD = [sys.executable, "-m", "bfd.cli"]
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -37,38 +28,14 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_bundle: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = _free_port()
-    env = {**os.environ, "BFD_MAX_BATCH_SIZE": "8"}  # settings from the environment too
-    process = subprocess.Popen(
-        [*BFD, "serve", "--bundle", str(demo_bundle), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"bfd serve exited early: {process.stdout.read() if process.stdout else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("bfd serve did not become ready in 120 s")
-    yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    # BFD_MAX_BATCH_SIZE: settings come from the environment too
+    with bfd_serve(demo_bundle, tmp_path_factory.mktemp("serve"), env={"BFD_MAX_BATCH_SIZE": "8"}) as served:
+        yield served
 
 
-def test_serve_answers_a_real_jpeg(server: tuple[subprocess.Popen[str], str]) -> None:
-    _, url = server
+def test_serve_answers_a_real_jpeg(server: ServeProcess) -> None:
+    url = server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
     response = httpx.post(f"{url}/v1/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60)
     assert response.status_code == 200, response.text
@@ -85,8 +52,8 @@ def test_serve_answers_a_real_jpeg(server: tuple[subprocess.Popen[str], str]) ->
     assert bad.status_code == 422
 
 
-def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: tuple[subprocess.Popen[str], str]) -> None:
-    _, url = server
+def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: ServeProcess) -> None:
+    url = server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
     local = subprocess.run([*BFD, "predict", str(path), "--bundle", str(demo_bundle)], capture_output=True, text=True)
     remote = subprocess.run([*BFD, "predict", str(path), "--url", url], capture_output=True, text=True)
@@ -127,7 +94,7 @@ def _dicom_from_jpeg(path: Path, body_part: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_clinical_features_on_the_demo_bundle(server: tuple[subprocess.Popen[str], str]) -> None:
+def test_clinical_features_on_the_demo_bundle(server: ServeProcess) -> None:
     """Heatmap, study, DICOM in and out, and abstention on the real (untrained) ResNet50 demo bundle."""
     import base64
     import io
@@ -135,7 +102,7 @@ def test_clinical_features_on_the_demo_bundle(server: tuple[subprocess.Popen[str
     import pydicom
     from PIL import Image
 
-    _, url = server
+    url = server.url
     paths = sorted((XRAY / "hand").rglob("*.jpg"))[:2]
     files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
     with httpx.Client(base_url=url, timeout=120) as client:
@@ -169,11 +136,11 @@ def test_clinical_features_on_the_demo_bundle(server: tuple[subprocess.Popen[str
         assert "PatientName" not in out  # the input had none
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(server: tuple[subprocess.Popen[str], str]) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits(server: ServeProcess) -> None:
     """Requests admitted before SIGTERM are all answered (graceful drain), then the process exits."""
     import threading
 
-    process, url = server
+    process, url = server.process, server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
     data = path.read_bytes()
     statuses: list[int] = []
@@ -200,8 +167,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(server: tuple[subprocess.P
     assert max(finished) > signalled  # some were still queued or running when the signal came
     # uvicorn drains, runs the lifespan shutdown (the batcher drains), then re-raises the signal.
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-    log = process.stdout.read() if process.stdout else ""
-    assert "Application shutdown complete" in log
+    assert "Application shutdown complete" in server.log_text()
 
 
 def test_serve_refuses_a_tampered_bundle(demo_bundle: Path, tmp_path: Path) -> None:

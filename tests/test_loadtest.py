@@ -14,18 +14,16 @@ import csv
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import onnxruntime
 import pytest
 from factories import build_tiny_bundle
+from processes import bfd_serve
 
 pytestmark = pytest.mark.slow
 
@@ -185,36 +183,10 @@ def test_locustfile_users_post_to_existing_routes(bundles: tuple[Path, Path]) ->
         assert user["tasks"] >= 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def tiny_server(bundles: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    command = [sys.executable, "-m", "bfd.cli", "--log-level", "warning", "serve", "--bundle", str(bundles[0])]
-    process = subprocess.Popen([*command, "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail("bfd serve did not become ready in 60 s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
+    with bfd_serve(bundles[0], tmp_path / "serve", args=["--log-level", "warning"]) as served:
+        yield served.url
 
 
 @pytest.mark.skipif(not _locust_installed(), reason="locust is not installed (the load extra)")

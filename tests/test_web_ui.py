@@ -13,10 +13,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -24,6 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import pytest
 from factories import build_tiny_bundle
+from processes import bfd_serve
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -35,7 +32,6 @@ FIRST = XRAY / "hand" / "fractured" / "fracatlas_IMG0003396.jpg"  # FracAtlas, C
 SECOND = XRAY / "hand" / "normal" / "fracatlas_IMG0001587.jpg"  # FracAtlas, CC BY 4.0
 ARTIFACTS = Path(__file__).parent / "artifacts"
 VERSION = "0.0.1-test"  # build_tiny_bundle's default
-BFD = [sys.executable, "-m", "bfd.cli"]
 
 
 def _missing(reason: str) -> NoReturn:
@@ -56,46 +52,11 @@ def chromium() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("web-ui")
-    bundle = build_tiny_bundle(root / "bundle")
-    port = _free_port()
-    env = {**os.environ, "BFD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/results.sqlite3"}
-    env.pop("BFD_API_KEY", None)  # the page's own key handling is not what this test is about
-    log = root / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [*BFD, "serve", "--bundle", str(bundle), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"bfd serve exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"bfd serve did not become ready in 120 s:\n{log.read_text()[-3000:]}")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with bfd_serve(build_tiny_bundle(root / "bundle"), root) as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")
