@@ -9,11 +9,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from processes import free_port
 
 
 class PostgresUnavailable(RuntimeError):
@@ -25,12 +26,6 @@ def _binaries() -> Path:
         if candidate and Path(candidate).is_file():
             return Path(candidate).resolve().parent
     raise PostgresUnavailable("no initdb found (install Debian's 'postgresql' package)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

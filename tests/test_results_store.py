@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 from factories import build_tiny_bundle, encode_png, image_for_part, serving
-from postgres_server import PostgresServer, PostgresUnavailable, free_port, start_postgres
+from postgres_server import PostgresServer, PostgresUnavailable, start_postgres
+from processes import free_port
 
 from service.store import Analysis, ResultsStore
 
@@ -216,3 +217,36 @@ def test_sqlite_file_is_a_real_sqlite_database_with_the_table(tmp_path: Path) ->
         rows = connection.execute("SELECT image_name, body_part, fracture_label FROM analyses").fetchall()
     assert rows == [("x.png", "elbow", rows[0][2])]
     assert rows[0][2] in ("fractured", "normal")
+
+
+def test_stores_migrating_at_once_in_one_process_all_get_ready(tmp_path: Path) -> None:
+    """Alembic keeps its context in module globals: stores starting together (two apps in one process, the
+    desktop's in-process client next to a server) migrate one after the other, on one loop or on several threads."""
+    import threading
+
+    urls = [f"sqlite+aiosqlite:///{tmp_path / f'{i}.sqlite3'}" for i in range(4)]
+
+    async def ready_together(batch: list[str]) -> None:
+        stores = [ResultsStore(url) for url in batch]
+        try:
+            await asyncio.gather(*(store.ensure_ready() for store in stores))
+        finally:
+            await asyncio.gather(*(store.close() for store in stores))
+
+    errors: list[BaseException] = []
+
+    def in_thread(batch: list[str]) -> None:
+        try:
+            asyncio.run(ready_together(batch))
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=in_thread, args=(urls[i : i + 2],)) for i in (0, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    for url in urls:
+        with sqlite3.connect(url.split("///", 1)[1]) as connection:
+            assert connection.execute("SELECT version_num FROM alembic_version").fetchone() is not None
