@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--url", help="post to this server instead, e.g. http://127.0.0.1:8000")
     parser.add_argument("--body-part", help="skip the router: the body part is known")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--api-key", help="with --url, for a server that requires one (default: $BFD_API_KEY)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,11 +31,22 @@ def _print_error(name: str, status: int, detail: str) -> None:
     print(json.dumps({"image_name": name, "error": {"status": status, "detail": detail}}))
 
 
+def _detail(response: Any) -> str:
+    """The service's reason, or the body as text when something else (a proxy, a load balancer) answered."""
+    try:
+        body = response.json()
+    except ValueError:
+        return str(response.text[:500] or response.reason_phrase)
+    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
+
+
 def _remote(args: argparse.Namespace) -> int:
     import httpx
 
     failures = 0
-    with httpx.Client(base_url=args.url, timeout=args.timeout_s) as client:
+    key = args.api_key or os.environ.get("BFD_API_KEY")
+    headers = {"X-API-Key": key} if key else {}
+    with httpx.Client(base_url=args.url, timeout=args.timeout_s, headers=headers) as client:
         for path in args.images:
             params = {"body_part": args.body_part} if args.body_part else {}
             try:
@@ -42,7 +56,7 @@ def _remote(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             if response.status_code != 200:
-                _print_error(path.name, response.status_code, response.json().get("detail", response.text))
+                _print_error(path.name, response.status_code, _detail(response))
                 failures += 1
                 continue
             for prediction in response.json()["predictions"]:
