@@ -45,7 +45,8 @@ serve: setup bundle
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy service training desktop
+	$(BIN)/mypy service training desktop export
+	$(BIN)/mypy -p loadtest
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -165,7 +165,7 @@ def save_heads(model_set: ModelSet, path: Path) -> None:
             arrays[f"{key}/{index}/kernel"] = kernel
             arrays[f"{key}/{index}/bias"] = bias
     with path.open("wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub reads ** as its allow_pickle
 
 
 def load_calibration_images(directory: Path, resize: Literal["bilinear", "nearest"]) -> np.ndarray:

@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def main() -> None:
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     resize = bundles[0].manifest.input.resize
     images = np.stack([prepare_image_file(p, resize=resize).pixels for p in paths])
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, Any]] = {}
     for bundle in bundles:
         engine = Engine(bundle, providers=["cpu"])
         rates = {b: measure(engine, images, b, args.seconds) for b in args.batch_sizes}
@@ -79,8 +80,8 @@ def main() -> None:
         result["speedup_vs_first"] = best
         result["agreement_vs_first"] = same
         result["max_p_fractured_diff_vs_first"] = max_diff
-        rates = " | ".join(f"{result['images_per_second'][b]:.1f}" for b in args.batch_sizes)
-        lines.append(f"| {key} | {result['precision']} | {rates} | {best:.2f}x | {same:.1%} (max ΔP {max_diff:.3f}) |")
+        cells = " | ".join(f"{result['images_per_second'][b]:.1f}" for b in args.batch_sizes)
+        lines.append(f"| {key} | {result['precision']} | {cells} | {best:.2f}x | {same:.1%} (max ΔP {max_diff:.3f}) |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bundle_throughput.json").write_text(json.dumps(results, indent=2))
     table = "\n".join(lines)

@@ -676,7 +676,7 @@ def boundedness(server: Server, step: Json, capacity: float) -> Json:
     p99 = step["latency_ms"]["p99"]
     first, second = step["accepted_p99_by_half_ms"]
     bounded = None
-    if None not in (p99, first, second, at_achieved):
+    if p99 is not None and first is not None and second is not None and at_achieved is not None:
         bounded = second <= 1.5 * first and p99 <= 2 * at_achieved
     return {
         "max_queue_size": queue,

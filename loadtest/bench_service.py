@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -220,7 +221,7 @@ def main() -> None:
     print(render_markdown(report))
 
 
-def render_markdown(report: dict) -> str:  # type: ignore[type-arg]
+def render_markdown(report: dict[str, Any]) -> str:
     single, ceiling, ratios = report["per_image_in_process"], report["in_process_ceiling"], report["ratios"]
     lines = [
         f"# Service benchmark ({report['machine']})",
