@@ -11,9 +11,11 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import httpx
+
+from service.errors import reason_of
 
 PREDICT_PATH = "/v1/predict"
 _MEDIA_TYPES = {
@@ -55,18 +57,6 @@ def _read(path: Path) -> bytes:
         raise ClientError(f"cannot read {path}: {error.strerror or error}") from error
 
 
-def _detail(response: httpx.Response) -> str:
-    """The service's error body is {detail, code, status}; anything else is shown as text."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and body.get("detail"):
-        detail = body["detail"]
-        return detail if isinstance(detail, str) else str(detail)
-    return response.text.strip()[:500] or response.reason_phrase or f"HTTP {response.status_code}"
-
-
 def _post(client: httpx.Client, path: Path, heatmap: bool) -> dict[str, Any]:
     """The one request both clients make, and the one way its answer is read."""
     data = _read(path)
@@ -76,7 +66,7 @@ def _post(client: httpx.Client, path: Path, heatmap: bool) -> dict[str, Any]:
     except httpx.HTTPError as error:
         raise ClientError(f"no answer from {client.base_url}: {error}") from error
     if response.status_code >= 400:
-        raise ClientError(_detail(response), response.status_code)
+        raise ClientError(reason_of(response), response.status_code)
     try:
         predictions = response.json()["predictions"]
         prediction: dict[str, Any] = predictions[0]
@@ -87,13 +77,12 @@ def _post(client: httpx.Client, path: Path, heatmap: bool) -> dict[str, Any]:
     return prediction
 
 
-class HttpClient:
-    """A running `bfd serve` (or any deployment of the service) at `url`."""
+class _OneRequestAtATime:
+    """What both clients share: one httpx-style client, used by one request at a time, closed on exit."""
 
-    def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None) -> None:
-        headers = {"X-API-Key": api_key} if api_key else {}
-        self.url = url.rstrip("/")
-        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+    _client: httpx.Client
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
 
     def predict(self, path: Path, heatmap: bool = True) -> dict[str, Any]:
@@ -101,19 +90,32 @@ class HttpClient:
             return _post(self._client, Path(path), heatmap)
 
     def close(self) -> None:
-        self._client.close()
+        raise NotImplementedError
 
-    def __enter__(self) -> HttpClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class HttpClient(_OneRequestAtATime):
+    """A running `bfd serve` (or any deployment of the service) at `url`."""
+
+    def __init__(self, url: str, *, timeout_s: float = 120.0, api_key: str | None = None) -> None:
+        super().__init__()
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
+
+    def close(self) -> None:
+        self._client.close()
+
     def __repr__(self) -> str:
         return f"HttpClient({self.url!r})"
 
 
-class InProcessClient:
+class InProcessClient(_OneRequestAtATime):
     """The real service (create_app, its lifespan, batcher and routes) run in this process on `bundle`.
 
     The app's lifespan opens a results store; /v1/predict never writes to it, so unless the caller or
@@ -129,12 +131,12 @@ class InProcessClient:
         from service.main import create_app
         from service.settings import Settings
 
+        super().__init__()
         self.bundle = Path(bundle)
         self._scratch: str | None = None
         if "database_url" not in settings and not os.environ.get("BFD_DATABASE_URL"):
             self._scratch = tempfile.mkdtemp(prefix="bfd-desktop-")
             settings["database_url"] = f"sqlite+aiosqlite:///{self._scratch}/results.sqlite3"
-        self._lock = threading.Lock()
         self._closed = False
         resolved = Settings(bundle=self.bundle, **settings)
         # A BFD_API_KEY in the environment guards this app too: send it, as a remote client would.
@@ -147,10 +149,6 @@ class InProcessClient:
         except BaseException:
             self._remove_scratch()
             raise
-
-    def predict(self, path: Path, heatmap: bool = True) -> dict[str, Any]:
-        with self._lock:
-            return _post(self._client, Path(path), heatmap)
 
     def close(self) -> None:
         if self._closed:
@@ -169,12 +167,6 @@ class InProcessClient:
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-
-    def __enter__(self) -> InProcessClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"InProcessClient({str(self.bundle)!r})"

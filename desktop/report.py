@@ -190,7 +190,8 @@ def _wrap(text: str, font: _Font, width: int) -> list[str]:
 
 def render_report(prediction: Mapping[str, Any], image_path: Path) -> Image.Image:
     """The report: the overlay (or the image), then the prediction's sentences and the disclaimer."""
-    picture = overlay_image(prediction)
+    overlay = overlay_image(prediction)
+    picture = overlay
     if picture is None:
         try:
             picture = load_image(image_path)
@@ -206,7 +207,7 @@ def render_report(prediction: Mapping[str, Any], image_path: Path) -> Image.Imag
         return text if unicode_ok else text.translate(_ASCII).encode("ascii", "replace").decode()
 
     name = str(prediction.get("image_name") or Path(image_path).name)
-    view = "Grad-CAM overlay" if overlay_image(prediction) is not None else "image"
+    view = "Grad-CAM overlay" if overlay is not None else "image"
     blocks: list[tuple[str, _Font, str]] = [(f"Bone-Fracture-Detection report: {name} ({view})", bold, "black")]
     if description.untrained:
         blocks.append((description.untrained, bold, "#b00020"))

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, UploadFile
 
-from service.bundle import Bundle, BundleError, SplitGraph, load_bundle
+from service.bundle import BundleError, Manifest, SplitGraph, load_bundle, read_manifest
 from service.preprocessing import ImageError, prepare_image
 
 log = logging.getLogger("loadtest.baselines")
@@ -47,25 +47,23 @@ DEFAULT_RESULTS = Path("loadtest/results")
 DISCLAIMER = "Research use only. Not a medical device and not a diagnosis. Baseline for load tests."
 
 
-def default_split_dir(bundle: Bundle) -> Path:
+def default_split_dir(manifest: Manifest) -> Path:
     """Where the split twin of a fused bundle is written and looked for: loadtest/results/<name>-split."""
-    return DEFAULT_RESULTS / f"{bundle.manifest.name}-split"
+    return DEFAULT_RESULTS / f"{manifest.name}-split"
 
 
 def resolve_split_bundle(bundle_path: Path, split_path: Path | None) -> Path | None:
     """The split bundle the naive baseline runs: the bundle itself when split, else the one given or found."""
-    bundle = load_bundle(bundle_path)
-    if isinstance(bundle.manifest.graph, SplitGraph):
-        return bundle.root
-    candidate = split_path or default_split_dir(bundle)
+    manifest = read_manifest(bundle_path)  # naive_app loads (and verifies) whichever bundle this names
+    if isinstance(manifest.graph, SplitGraph):
+        return bundle_path
+    candidate = split_path or default_split_dir(manifest)
     if (candidate / "manifest.json").is_file():
-        split = load_bundle(candidate)
-        if not isinstance(split.manifest.graph, SplitGraph):
-            raise BundleError(f"{candidate}: not a split bundle (graph form {split.manifest.graph.form})")
-        if split.manifest.body_parts != bundle.manifest.body_parts:
-            raise BundleError(
-                f"{candidate}: body parts {split.manifest.body_parts} differ from {bundle.manifest.body_parts}"
-            )
+        split = read_manifest(candidate)
+        if not isinstance(split.graph, SplitGraph):
+            raise BundleError(f"{candidate}: not a split bundle (graph form {split.graph.form})")
+        if split.body_parts != manifest.body_parts:
+            raise BundleError(f"{candidate}: body parts {split.body_parts} differ from {manifest.body_parts}")
         return candidate
     return None
 
@@ -76,7 +74,7 @@ def export_split_bundle(bundle_path: Path, out: Path) -> Path:
     from export.build import ExportOptions, export_bundle
     from export.sources import demo_models
 
-    manifest = load_bundle(bundle_path).manifest
+    manifest = read_manifest(bundle_path)
     if manifest.source.kind != "demo":
         raise BundleError(
             f"{bundle_path}: a {manifest.source.kind} bundle; its split twin cannot be rebuilt from here. Export "
@@ -225,13 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "split-bundle":
             found = resolve_split_bundle(args.bundle, args.out)
-            out = found or export_split_bundle(args.bundle, args.out or default_split_dir(load_bundle(args.bundle)))
+            out = found or export_split_bundle(args.bundle, args.out or default_split_dir(read_manifest(args.bundle)))
             print(out)
             return 0
         if args.command == "naive":
             split_root = resolve_split_bundle(args.bundle, args.split_bundle)
             if split_root is None:
-                target = args.split_bundle or default_split_dir(load_bundle(args.bundle))
+                target = args.split_bundle or default_split_dir(read_manifest(args.bundle))
                 split_root = export_split_bundle(args.bundle, target)
             app = naive_app(split_root, tuned=args.tuned)
         else:
@@ -239,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             thresholds: dict[str, float] = {}
             resize = "bilinear"
             if args.bundle is not None:
-                manifest = load_bundle(args.bundle).manifest
+                manifest = read_manifest(args.bundle)
                 parts = manifest.body_parts
                 thresholds = {p: t.decision for p, t in manifest.thresholds.items()}
                 resize = manifest.input.resize

@@ -39,16 +39,15 @@ import json
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
@@ -57,7 +56,8 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.bench_service import SIZES_PX, make_uploads
-from service.bundle import load_bundle
+from loadtest.servers import Server, start_server, stop_server
+from service.bundle import read_manifest
 
 PREDICT = "/v1/predict"
 Upload = tuple[str, bytes]
@@ -104,84 +104,6 @@ def machine_description() -> Json:
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
     }
-
-
-# --- server processes ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """A server under test: its process, URL and psutil handle (CPU and RSS are read from its pid)."""
-
-    name: str
-    command: list[str]
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    log_file: IO[bytes]
-    ps: psutil.Process = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ps = psutil.Process(self.process.pid)
-
-    def rss_mb(self) -> float:
-        try:
-            return self.ps.memory_info().rss / 2**20
-        except psutil.Error:
-            return float("nan")
-
-    def cpu_seconds(self) -> float:
-        try:
-            times = self.ps.cpu_times()
-        except psutil.Error:
-            return float("nan")
-        return times.user + times.system
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(
-    name: str, command: Sequence[str], ready_path: str, log_dir: Path, env: dict[str, str], timeout_s: float
-) -> Server:
-    """Start `command` (which must take --port last) and wait until `ready_path` answers 200."""
-    port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    log_file = log_path.open("wb")
-    full = [*command, "--port", str(port)]
-    process = subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env})
-    server = Server(name, full, process, f"http://127.0.0.1:{port}", log_path, log_file)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log_file.close()
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready:\n{tail}")
-        try:
-            if httpx.get(server.url + ready_path, timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    stop_server(server)
-    raise RuntimeError(f"{name} was not ready in {timeout_s:.0f} s; see {log_path}")
-
-
-def stop_server(server: Server) -> int | None:
-    """SIGTERM, a graceful wait, then SIGKILL; returns the exit code."""
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=30)
-    server.log_file.close()
-    return server.process.returncode
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -712,7 +634,7 @@ def run_baseline(
 
 def _precision(bundle: Path) -> str:
     """fp32 or int8: ratios between servers only compare like with like when these agree."""
-    return str(load_bundle(bundle).manifest.precision)
+    return str(read_manifest(bundle).precision)
 
 
 def ensure_split_bundle(args: argparse.Namespace, log_dir: Path) -> Path:

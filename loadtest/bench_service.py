@@ -18,9 +18,7 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from loadtest.servers import start_server, stop_server
 from service.bundle import load_bundle
 from service.engine import Engine
 from service.metrics import Metrics
@@ -140,21 +139,6 @@ async def http_load(url: str, uploads: list[tuple[str, bytes]], concurrency: int
     }
 
 
-def start_server(bundle: Path, port: int, env_overrides: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **env_overrides}
-    command = [sys.executable, "-m", "bfd.cli", "--log-level", "warning", "serve", "--bundle", str(bundle)]
-    process = subprocess.Popen([*command, "--port", str(port)], env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def batch_sizes(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     values = {}
@@ -188,9 +172,9 @@ def main() -> None:
     settings = Settings(bundle=args.bundle)
     ceiling = asyncio.run(in_process_ceiling(settings, uploads, 32, args.seconds))
     report["in_process_ceiling"] = ceiling
-    port = _free_port()
-    server = start_server(args.bundle, port, {})
-    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bfd.cli", "--log-level", "warning", "serve", "--bundle", str(args.bundle)]
+    server = start_server("ours", command, "/readyz", args.out / "logs", {}, timeout_s=120)
+    url = server.url
     try:
         levels = []
         for concurrency in args.concurrency:
@@ -207,8 +191,7 @@ def main() -> None:
             print(json.dumps(result))
         report["http"] = levels
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     top = max(levels, key=lambda level: level["concurrency"])  # type: ignore[arg-type, return-value]
     c1 = next((level for level in levels if level["concurrency"] == 1), None)
     report["ratios"] = {
@@ -249,12 +232,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 if __name__ == "__main__":

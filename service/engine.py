@@ -79,6 +79,10 @@ class Engine:
         intra_op_threads: int | None = None,
         spinning: bool = False,
     ) -> None:
+        # Medical-imaging deployments send nothing home: onnxruntime's own telemetry off (the images also set
+        # ORT_DISABLE_TELEMETRY=1 for the native side).
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()
         self.bundle = bundle
         manifest = bundle.manifest
         self.body_parts = list(manifest.body_parts)
@@ -117,10 +121,6 @@ class Engine:
         return self.active_providers[0]
 
     def _open(self, name: str, expected_outputs: list[str]) -> ort.InferenceSession:
-        # Medical-imaging deployments send nothing home: onnxruntime's own telemetry off (the images also set
-        # ORT_DISABLE_TELEMETRY=1 for the native side).
-        if hasattr(ort, "disable_telemetry_events"):
-            ort.disable_telemetry_events()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -74,6 +75,22 @@ def queue_full(error: QueueFullError) -> ServiceError:
 
 def error_body(status: int, code: str, reason: str) -> dict[str, object]:
     return {"detail": reason, "code": code, "status": status}
+
+
+def reason_of(response: Any) -> str:
+    """The reason in an error answer (an httpx response): `error_body`'s detail, else the body as text.
+
+    For clients of the service (`bfd predict --url`, the desktop): something other than the service may
+    answer too (a proxy's HTML 502), and its text is then the best reason there is.
+    """
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("detail"):
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else str(detail)
+    return str(response.text).strip()[:500] or response.reason_phrase or f"HTTP {response.status_code}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

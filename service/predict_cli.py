@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +30,10 @@ def _print_error(name: str, status: int, detail: str) -> None:
     print(json.dumps({"image_name": name, "error": {"status": status, "detail": detail}}))
 
 
-def _detail(response: Any) -> str:
-    """The service's reason, or the body as text when something else (a proxy, a load balancer) answered."""
-    try:
-        body = response.json()
-    except ValueError:
-        return str(response.text[:500] or response.reason_phrase)
-    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)
-
-
 def _remote(args: argparse.Namespace) -> int:
     import httpx
+
+    from service.errors import reason_of
 
     failures = 0
     key = args.api_key or os.environ.get("BFD_API_KEY")
@@ -56,7 +48,7 @@ def _remote(args: argparse.Namespace) -> int:
                 failures += 1
                 continue
             if response.status_code != 200:
-                _print_error(path.name, response.status_code, _detail(response))
+                _print_error(path.name, response.status_code, reason_of(response))
                 failures += 1
                 continue
             for prediction in response.json()["predictions"]:
