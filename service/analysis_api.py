@@ -5,19 +5,23 @@ Thin like the other routes: the predictor analyses, `service.store` keeps; this 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api import PredictorDep, admit_and_read, unless_client_gone
+from service.api import PredictorDep, admitted, unless_client_gone
+from service.deidentify import DeidentificationError, deidentify_dicom
 from service.errors import ServiceError
 from service.predictor import ImageResult, Predictor
 from service.schemas import DISCLAIMER, ErrorResponse, ImagePrediction
-from service.store import Analysis, NewAnalysis, ResultsStore, StoreUnavailableError
+from service.store import MAX_ROW_NUMBER, Analysis, NewAnalysis, ResultsStore, StoreUnavailableError
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -48,12 +52,18 @@ def get_store(request: Request) -> ResultsStore:
 StoreDep = Annotated[ResultsStore, Depends(get_store)]
 _STORE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "no analysis with this id"},
-    503: {"model": ErrorResponse, "description": "results store unreachable (predictions still work)"},
+    503: {
+        "model": ErrorResponse,
+        "description": "results store unavailable (down, backing off, or misconfigured); predictions still work; "
+        "Retry-After says when to try again, absent when retrying cannot help",
+    },
 }
 
 
 def _unavailable(error: StoreUnavailableError) -> ServiceError:
-    return ServiceError(503, "store_unavailable", str(error), headers={"Retry-After": "5"})
+    """503 with the store's generic reason (no host, user or database: those are in the log only)."""
+    retry = {} if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
+    return ServiceError(503, "store_unavailable", str(error), headers=retry)
 
 
 def _record(row: Analysis, result: dict[str, Any] | None = None) -> AnalysisRecord:
@@ -91,28 +101,44 @@ async def create_analysis(
     body_part: Annotated[str | None, Query()] = None,
     heatmap: Annotated[bool, Query()] = False,
 ) -> AnalysisRecord:
-    tickets, uploads = await admit_and_read(request, predictor, body_part, heatmap)
-    if len(uploads) != 1:
-        for ticket in tickets:
-            ticket.release()
-        raise ServiceError(422, "one_image_per_analysis", f"an analysis takes one image, got {len(uploads)}")
-    [result] = await unless_client_gone(request.receive, predictor.run_images(tickets, uploads))
-    answer = await predictor.answer(result)
-    row = await _store(store, predictor, result, answer)
+    async with admitted(request, predictor, body_part, heatmap) as (tickets, uploads):
+        if len(uploads) != 1:
+            raise ServiceError(422, "one_image_per_analysis", f"an analysis takes one image, got {len(uploads)}")
+        [result] = await unless_client_gone(request.receive, predictor.run_images(tickets, uploads))
+        answer = await predictor.answer(result)
+        row = await _store(store, predictor, result, answer)
     return _record(row, answer.model_dump(mode="json"))
+
+
+async def _image_to_keep(predictor: Predictor, result: ImageResult) -> tuple[bytes | None, str | None]:
+    """The bytes `store_images` keeps and their media type: DICOM de-identified unless
+    `store_identifiable_images`; (None, None) when nothing is kept."""
+    settings = predictor.settings
+    data = result.upload.data
+    if not settings.store_images:
+        return None, None
+    if result.prepared.dicom is None:
+        return data, "image"
+    if settings.store_identifiable_images:
+        return data, "application/dicom"
+    try:
+        return await asyncio.to_thread(deidentify_dicom, data), "application/dicom"
+    except DeidentificationError as error:  # never keep what could not be de-identified; the result still counts
+        log.warning("analysis stored without its image: %s", error)
+        return None, None
 
 
 async def _store(store: ResultsStore, predictor: Predictor, result: ImageResult, answer: ImagePrediction) -> Analysis:
     upload = result.upload
-    keep_image = predictor.settings.store_images
+    image_bytes, media_type = await _image_to_keep(predictor, result)
     try:
         return await store.add(
             NewAnalysis(
                 image_name=upload.name,
                 image_sha256=hashlib.sha256(upload.data).hexdigest(),
                 result=_storable(answer),
-                image_bytes=upload.data if keep_image else None,
-                image_media_type=("application/dicom" if result.prepared.dicom else "image") if keep_image else None,
+                image_bytes=image_bytes,
+                image_media_type=media_type,
             )
         )
     except StoreUnavailableError as error:
@@ -129,7 +155,7 @@ async def list_analyses(
     store: StoreDep,
     image_name: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_NUMBER)] = 0,
 ) -> AnalysisPage:
     try:
         rows, total = await store.list(image_name=image_name, limit=limit, offset=offset)
@@ -144,7 +170,10 @@ async def list_analyses(
     responses=_STORE_ERRORS,
     summary="One past analysis",
 )
-async def get_analysis(store: StoreDep, analysis_id: int) -> AnalysisRecord:
+async def get_analysis(
+    store: StoreDep,
+    analysis_id: Annotated[int, Path(ge=1, le=MAX_ROW_NUMBER, description="ids start at 1")],
+) -> AnalysisRecord:
     try:
         row = await store.get(analysis_id)
     except StoreUnavailableError as error:

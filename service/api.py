@@ -6,7 +6,8 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -22,6 +23,7 @@ from service.errors import ServiceError
 from service.predictor import AnswerTicket, Predictor, Upload, release_all
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse, StudyResponse
 from service.security import ApiKeyDep
+from service.uploads import BodyReader, UploadLimits
 
 router = APIRouter()
 T = TypeVar("T")
@@ -41,11 +43,13 @@ PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
-        413: "body over the byte limit, or an image over the pixel limit",
+        408: "the request body did not arrive in time (too slow); the connection is closed",
+        413: "body over the byte limit, or an image over the pixel or decode-memory limit",
         415: "unsupported media type or image format",
-        422: "not an image, truncated, empty, malformed JSON/base64/multipart, unknown body part",
+        422: "not an image, truncated, empty, malformed JSON/base64/multipart/DICOM, unknown body part",
         500: "inference failed for the batch this request was in",
-        503: "queue full (see Retry-After) or shutting down",
+        503: "busy: the expected wait is over the deadline, the queue or memory is full (see Retry-After), or "
+        "shutting down",
     }.items()
 }
 
@@ -98,10 +102,10 @@ async def predict(
         Literal["json", "dicom"], Query(description="dicom: a Secondary Capture for one DICOM input")
     ] = "json",
 ) -> Any:
-    tickets, uploads = await admit_and_read(request, predictor, body_part, heatmap or output == "dicom")
-    if output == "dicom":
-        return await unless_client_gone(request.receive, _dicom_answer(predictor, tickets, uploads))
-    predictions = await unless_client_gone(request.receive, predictor.predict(tickets, uploads))
+    async with admitted(request, predictor, body_part, heatmap or output == "dicom") as (tickets, uploads):
+        if output == "dicom":
+            return await unless_client_gone(request.receive, _dicom_answer(predictor, tickets, uploads))
+        predictions = await unless_client_gone(request.receive, predictor.predict(tickets, uploads))
     return PredictResponse(predictions=predictions)
 
 
@@ -116,8 +120,8 @@ async def predict(
 async def studies(
     request: Request, predictor: PredictorDep, body_part: BodyPartQuery = None, heatmap: HeatmapQuery = False
 ) -> StudyResponse:
-    tickets, uploads = await admit_and_read(request, predictor, body_part, heatmap)
-    return await unless_client_gone(request.receive, predictor.predict_study(tickets, uploads))
+    async with admitted(request, predictor, body_part, heatmap) as (tickets, uploads):
+        return await unless_client_gone(request.receive, predictor.predict_study(tickets, uploads))
 
 
 async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploads: list[Upload]) -> Response:
@@ -134,10 +138,16 @@ async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploa
     )
 
 
-async def admit_and_read(
+@asynccontextmanager
+async def admitted(
     request: Request, predictor: Predictor, body_part: str | None, heatmap: bool
-) -> tuple[list[AnswerTicket], list[Upload]]:
-    """Check the media type and size, reserve queue slots, then read and parse the body into uploads."""
+) -> AsyncIterator[tuple[list[AnswerTicket], list[Upload]]]:
+    """The request's images with their queue slots, held for the body of the `async with`.
+
+    Refuses at once (503) when a new image could not start within the deadline, before a byte of the body is
+    read; then reads it under the byte, memory and time limits (`service.uploads`), parses it, and reserves
+    one slot per image. On exit, whatever happened, unsubmitted slots and the body's memory are given back.
+    """
     settings = predictor.settings
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
@@ -146,40 +156,31 @@ async def admit_and_read(
             "unsupported_media_type",
             f"content-type {media_type or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
         )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
-        raise _too_large(int(declared), settings.max_upload_bytes)
-    # Admission before the body is read: a refused request costs neither bandwidth nor decoding.
-    tickets = predictor.admit(1)
+    declared = request.headers.get("content-length", "")
+    limits = UploadLimits(settings.max_upload_bytes, settings.upload_timeout_s, settings.upload_min_bytes_per_s)
+    reader = BodyReader(predictor.request_memory, limits)
+    tickets: list[AnswerTicket] = []
     try:
-        body = await _read_body(request.receive, settings.max_upload_bytes)
+        predictor.check_capacity(1)  # a refused request costs neither bandwidth nor decoding
+        reader.reserve_declared(int(declared) if declared.isdigit() else None)
+        body = await reader.read(request.receive)
         uploads = await _parse(request, media_type, body, body_part, heatmap, settings.max_images_per_request)
-        tickets += predictor.admit(len(uploads) - 1)
-    except BaseException:
-        release_all(tickets)
+        del body  # the uploads hold what the answer needs
+        tickets = predictor.admit(len(uploads))
+        yield tickets, uploads
+    except ServiceError as error:
+        _count_upload_refusal(predictor, error)
         raise
-    return tickets, uploads
+    finally:
+        release_all(tickets)  # a no-op for the slots whose images were submitted
+        reader.release()
 
 
-def _too_large(size: int, limit: int) -> ServiceError:
-    return ServiceError(413, "payload_too_large", f"request body is {size} bytes or more; the limit is {limit}")
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    """The whole body, refusing as soon as it passes the limit (chunked uploads have no Content-Length)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ServiceError(499, "client_closed_request", "client went away while uploading")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+def _count_upload_refusal(predictor: Predictor, error: ServiceError) -> None:
+    if error.status == 408:
+        predictor.metrics.slow_uploads.inc()
+    elif error.status == 503 and "memory" in error.reason:
+        predictor.metrics.refused.labels("memory").inc()
 
 
 async def _parse(
@@ -199,7 +200,8 @@ def _parse_json(body: bytes, body_part: str | None, heatmap: bool) -> Upload:
     except ValidationError as error:
         reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
         raise ServiceError(422, "invalid_json", f"invalid JSON request: {reasons}") from error
-    encoded = _DATA_URL.sub("", payload.image.strip())
+    # Whitespace is dropped first: the `base64` command (and many libraries) wrap lines at 76 characters.
+    encoded = "".join(_DATA_URL.sub("", payload.image.strip()).split())
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
@@ -281,6 +283,10 @@ async def models(predictor: PredictorDep) -> ModelsResponse:
             "max_wait_ms": settings.max_wait_ms,
             "intra_op_threads": predictor.engine.intra_op_threads,
             "decode_threads": settings.resolved_decode_threads(),
+            "max_queue_wait_ms": settings.max_queue_wait_ms,
+            "max_image_decode_bytes": settings.max_image_decode_bytes,
+            "decode_memory_budget_bytes": settings.decode_memory_budget_bytes,
+            "request_memory_budget_bytes": settings.request_memory_budget_bytes,
         },
         warnings=bundle_warnings(manifest),
     )

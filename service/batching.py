@@ -1,9 +1,13 @@
 """Dynamic batching for a synchronous model: bounded admission, one inference thread, a result per caller.
 
-Policy (batch size, wait, queue bound) lives here and the model in `handler`, a plain list -> list function,
+Policy (batch size, wait, admission) lives here and the model in `handler`, a plain list -> list function,
 as LitServe keeps its loop apart from the model hooks. The mechanics follow Ray Serve's `batching.py`: a
 future per request, cancelled requests dropped before the batch runs, the output length checked, and a
 failing batch fails only its own members while the loop lives on.
+
+Admission is by deadline first: an item is admitted only if the work ahead of it (reserved, queued and
+running items) at the measured seconds per item (`service.service_rate`) lets its batch start within
+`max_queue_wait_ms`; `max_queue_size` stays as a hard count bound behind it. An idle batcher always admits.
 
 Concurrency: every field is touched only on the event-loop thread, so no lock is needed (a check then a
 change with no `await` between is atomic). Only the handler runs elsewhere, in a single-thread executor:
@@ -20,21 +24,30 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
+
+from service.service_rate import ServiceRate
 
 logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
-_EWMA_ALPHA = 0.2  # weight of the newest batch in the seconds-per-item estimate behind Retry-After
+RefusalReason = Literal["deadline", "queue_full"]
 
 
 class QueueFullError(Exception):
-    """Admission refused so the caller can answer 503 at once; `retry_after_s` feeds a Retry-After header."""
+    """Admission refused so the caller can answer 503 at once; `retry_after_s` feeds a Retry-After header.
 
-    def __init__(self, name: str, depth: int, retry_after_s: float) -> None:
-        super().__init__(f"{name}: queue full ({depth} waiting); retry in about {retry_after_s:.0f} s")
-        self.retry_after_s = retry_after_s
+    `reason` is "deadline" (the expected wait is over max_queue_wait_ms) or "queue_full" (the count bound).
+    """
+
+    def __init__(
+        self, name: str, reason: RefusalReason, detail: str, retry_after_s: float, expected_wait_s: float | None
+    ) -> None:
+        self.retry_after_s = max(1.0, retry_after_s)  # Retry-After is in whole seconds; sooner helps nobody
+        super().__init__(f"{name}: {detail}; retry in about {math.ceil(self.retry_after_s)} s")
+        self.reason: RefusalReason = reason
+        self.expected_wait_s = expected_wait_s
 
 
 class BatcherClosedError(Exception):
@@ -101,6 +114,7 @@ class DynamicBatcher(Generic[In, Out]):
         max_batch_size: int,
         max_queue_size: int,
         max_wait_ms: float = 0.0,
+        max_queue_wait_ms: float | None = None,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -109,10 +123,16 @@ class DynamicBatcher(Generic[In, Out]):
                 raise ValueError(f"{name}: {setting} must be an integer >= 1, got {value!r}")
         if not 0.0 <= max_wait_ms < math.inf:  # also refuses NaN
             raise ValueError(f"{name}: max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+        if max_queue_wait_ms is not None and not 0.0 < max_queue_wait_ms < math.inf:
+            raise ValueError(
+                f"{name}: max_queue_wait_ms must be a finite number > 0 or None, got {max_queue_wait_ms!r}"
+            )
         self._handler = handler
         self._max_batch_size = max_batch_size
         self._max_queue_size = max_queue_size
         self._max_wait_s = max_wait_ms / 1000.0
+        self._max_queue_wait_s = None if max_queue_wait_ms is None else max_queue_wait_ms / 1000.0
+        self._rate = ServiceRate()
         self._name = name
         self._on_batch = on_batch
         self._queue: deque[_Pending[In, Out]] = deque()
@@ -121,7 +141,6 @@ class DynamicBatcher(Generic[In, Out]):
         self._wake = asyncio.Event()  # set on enqueue, release and stop: the worker's only reasons to look
         self._stopping = False  # admit() refused
         self._closed = False  # submit() refused too: the worker is gone or the queue was discarded
-        self._ewma_item_s: float | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -150,17 +169,68 @@ class DynamicBatcher(Generic[In, Out]):
         """The batch bound, exposed for health and metrics."""
         return self._max_batch_size
 
-    def admit(self) -> Ticket[In, Out]:
-        """Reserve a slot in O(1) before any work is done, or refuse at once so overload stays cheap."""
+    @property
+    def max_queue_wait_s(self) -> float | None:
+        """The admission deadline (None: count bound only)."""
+        return self._max_queue_wait_s
+
+    @property
+    def seconds_per_item(self) -> float | None:
+        """The measured busy seconds per item (None before the first batch and without a seed)."""
+        return self._rate.seconds_per_item
+
+    def expected_wait_s(self, count: int = 1) -> float | None:
+        """Expected seconds until the batch of the last of `count` new items starts (None: no estimate yet)."""
+        return self._rate.wait_s(self._items_ahead + count - 1)
+
+    def seed_seconds_per_item(self, seconds: float) -> None:
+        """A first estimate (e.g. from the warm-up run), used until real batches are measured."""
+        self._rate.seed(seconds)
+
+    @property
+    def _items_ahead(self) -> int:
+        """Every item a new one would wait behind: reserved, queued and running."""
+        return self._reserved + len(self._queue) + len(self._running)
+
+    def check(self, count: int = 1, *, deadline: bool = True) -> None:
+        """Raise QueueFullError / BatcherClosedError if `count` items would be refused now; reserves nothing.
+
+        For callers that want to refuse before spending anything (reading a request body), then admit after.
+        """
         if self._stopping:
             raise BatcherClosedError(f"{self._name} is shutting down and accepts no new requests")
         if self._worker is None:
             raise RuntimeError(f"{self._name}: call start() before admit()")
+        if count < 1:
+            raise ValueError(f"{self._name}: count must be >= 1, got {count}")
         depth = self.queue_depth
-        if depth >= self._max_queue_size:
-            raise QueueFullError(self._name, depth, self._retry_after_s())
-        self._reserved += 1
-        return Ticket(self)
+        seconds = self._rate.seconds_per_item or 0.0
+        if depth + count > self._max_queue_size:
+            drain = (depth + count - self._max_queue_size) * seconds
+            detail = f"queue full ({depth} waiting, bound {self._max_queue_size})"
+            raise QueueFullError(self._name, "queue_full", detail, drain, self.expected_wait_s(count))
+        if not deadline or self._max_queue_wait_s is None or self._items_ahead == 0:
+            return  # an idle batcher always admits: a poor estimate must never lock everyone out
+        expected = self.expected_wait_s(count)
+        if expected is not None and expected > self._max_queue_wait_s:
+            detail = (
+                f"expected wait {expected * 1e3:.0f} ms is over the {self._max_queue_wait_s * 1e3:.0f} ms limit "
+                f"({self._items_ahead} images ahead at {seconds * 1e3:.0f} ms each)"
+            )
+            raise QueueFullError(self._name, "deadline", detail, expected - self._max_queue_wait_s, expected)
+
+    def admit(self) -> Ticket[In, Out]:
+        """Reserve a slot in O(1) before any work is done, or refuse at once so overload stays cheap."""
+        return self.admit_many(1)[0]
+
+    def admit_many(self, count: int, *, deadline: bool = True) -> list[Ticket[In, Out]]:
+        """Reserve `count` slots at once or none. `deadline=False` skips the deadline (not the count bound),
+        for more work of a request already admitted (e.g. a study's re-run under its part)."""
+        self.check(count, deadline=deadline)
+        if self._items_ahead == 0:
+            self._rate.busy(time.monotonic())
+        self._reserved += count
+        return [Ticket(self) for _ in range(count)]
 
     async def submit(self, item: In) -> Out:
         """Admit and submit in one call, for callers with nothing to decode."""
@@ -211,16 +281,9 @@ class DynamicBatcher(Generic[In, Out]):
 
     def _unreserve(self) -> None:
         self._reserved -= 1
+        if self._items_ahead == 0:
+            self._rate.idle()
         self._wake.set()
-
-    def _retry_after_s(self) -> float:
-        """Estimate when a slot frees: ceil((queued + in flight) * EWMA seconds per item), at least 1 s.
-
-        Before the first batch there is no estimate, and the answer is 1 s.
-        """
-        if self._ewma_item_s is None:
-            return 1.0
-        return float(max(1, math.ceil((self.queue_depth + self.in_flight) * self._ewma_item_s)))
 
     def _fail(self, pendings: list[_Pending[In, Out]], reason: str) -> None:
         for pending in pendings:
@@ -271,6 +334,8 @@ class DynamicBatcher(Generic[In, Out]):
                 batch.append(pending)
         if not batch and not skipped:
             return
+        if not batch and self._items_ahead == 0:
+            self._rate.idle()
         run_seconds = 0.0
         if batch:
             self._running = batch
@@ -288,9 +353,9 @@ class DynamicBatcher(Generic[In, Out]):
                 outputs = [exc] * len(batch)
             run_seconds = time.perf_counter() - started
             self._running = []
-            per_item = run_seconds / len(batch)
-            old = per_item if self._ewma_item_s is None else self._ewma_item_s
-            self._ewma_item_s = _EWMA_ALPHA * per_item + (1 - _EWMA_ALPHA) * old
+            self._rate.completed(len(batch), time.monotonic(), run_seconds)
+            if self._items_ahead == 0:
+                self._rate.idle()
             for pending, out in zip(batch, outputs, strict=True):
                 if pending.future.done():  # cancelled while running: nobody is listening
                     continue

@@ -24,9 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.bundle import BundleError, load_bundle
+    from service.http_server import serve
     from service.main import create_app
     from service.settings import Settings
 
@@ -54,11 +53,5 @@ def run(args: argparse.Namespace) -> int:
     except BundleError as error:
         log.error("cannot serve: %s", error)
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=60,
-    )
+    serve(create_app(settings), settings, args.log_level)
     return 0

@@ -4,10 +4,15 @@ A PACS files an object by its patient and study, so the output copies the input'
 Study module attributes (and only those present in the input: nothing is invented or added), keeps the
 Study Instance UID, and starts a new series whose description says 'research use only'. The result text is
 burned into the image (a band above the overlay) and repeated in Image Comments.
+
+Specific Character Set (0008,0005) is copied exactly as the source has it: without it a name like
+"Müller^Jürgen" or "山田^太郎" would be written in the default repertoire (ASCII), i.e. as '?'s, and the PACS
+would file the result under another patient name.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -59,6 +64,8 @@ def secondary_capture(source: Any, overlay_rgb: np.ndarray, lines: Sequence[str]
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     out = Dataset()
     out.file_meta = meta
+    if "SpecificCharacterSet" in source:  # first: the names below are encoded with it when the file is written
+        out["SpecificCharacterSet"] = copy.deepcopy(source["SpecificCharacterSet"])
     for keyword in (*PATIENT_MODULE, *STUDY_MODULE):
         if keyword in source:
             out[keyword] = source[keyword]

@@ -56,7 +56,7 @@ class _SheddingLog:
         self._last, self._suppressed = now, 0
 
 
-_SHEDDING_CODES = frozenset({"overloaded", "shutting_down"})
+_SHEDDING_CODES = frozenset({"overloaded", "shutting_down", "store_unavailable"})
 
 _IMAGE_CODES = {413: "image_too_large", 415: "unsupported_media_type", 422: "undecodable_image"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.pages import mount_pages
 from service.predictor import Predictor
 from service.schemas import DISCLAIMER, UNTRAINED_WARNING
-from service.security import ApiKeyDep, install_cors
+from service.security import ApiKeyDep, exposure_warning, install_cors
 from service.settings import Settings
 from service.store import ResultsStore, StoreUnavailableError
 
@@ -35,12 +36,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictor = Predictor(bundle, settings, metrics)
         await predictor.start()
         app.state.predictor = predictor
+        # Never raises: a URL that cannot be used or a database that is down costs only /api/analysis (503),
+        # and the store logs what is wrong (password hidden). Predictions, /readyz and the page are unaffected.
         store = ResultsStore(settings.database_url)
         app.state.store = store
-        try:
+        with contextlib.suppress(StoreUnavailableError):
             await store.ensure_ready()
-        except StoreUnavailableError as error:  # predictions do not need it; storage routes retry and say 503
-            log.warning("%s; /api/analysis answers 503 until it is back", error)
+        if (warning := exposure_warning(settings)) is not None:
+            log.warning("%s", warning)
         app.state.ready = True
         log.info("ready: %s %s on %s", bundle.model_name, bundle.model_version, predictor.engine.active_provider)
         try:
@@ -56,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DISCLAIMER,
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served from local files (service.pages): FastAPI's default loads a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics

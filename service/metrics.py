@@ -41,9 +41,56 @@ class Metrics:
         )
         self.images = Counter("bfd_images", "images answered", registry=self.registry)
         self.queue_depth = Gauge("bfd_queue_depth", "images admitted and waiting", registry=self.registry)
+        self.expected_wait = Gauge(
+            "bfd_expected_queue_wait_seconds",
+            "expected wait before a new image's batch starts (admission refuses over max_queue_wait_ms)",
+            registry=self.registry,
+        )
+        self.seconds_per_image = Gauge(
+            "bfd_service_seconds_per_image",
+            "measured busy seconds per image of the whole pipeline (decode and inference), moving average",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "bfd_admission_refused",
+            "images refused with 503 before any work: deadline, queue_full (count bound) or memory",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.memory_in_use = Gauge(
+            "bfd_memory_budget_bytes_in_use",
+            "bytes taken from each memory budget: request bodies held, decode working memory",
+            ["budget"],
+            registry=self.registry,
+        )
+        self.decodes_skipped = Counter(
+            "bfd_decodes_skipped",
+            "images whose decode never ran: a sibling image failed or the client went away first",
+            registry=self.registry,
+        )
+        self.slow_uploads = Counter(
+            "bfd_slow_uploads", "request bodies cut with 408 (too slow or too long)", registry=self.registry
+        )
 
-    def track_queue_depth(self, depth: Callable[[], int]) -> None:
-        self.queue_depth.set_function(lambda: float(depth()))
+    def track_admission(
+        self,
+        *,
+        queue_depth: Callable[[], int],
+        expected_wait_s: Callable[[], float | None],
+        seconds_per_image: Callable[[], float | None],
+        decode_bytes_in_use: Callable[[], int],
+        request_bytes_in_use: Callable[[], int],
+    ) -> None:
+        """Read the predictor's admission state at scrape time (NaN while there is no estimate yet)."""
+        self.queue_depth.set_function(lambda: float(queue_depth()))
+        self.expected_wait.set_function(lambda: _or_nan(expected_wait_s()))
+        self.seconds_per_image.set_function(lambda: _or_nan(seconds_per_image()))
+        self.memory_in_use.labels("decode").set_function(lambda: float(decode_bytes_in_use()))
+        self.memory_in_use.labels("requests").set_function(lambda: float(request_bytes_in_use()))
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
 
 
 class MetricsMiddleware:

@@ -1,10 +1,14 @@
-"""The predictor: admission, decoding in a thread pool, the batcher feeding the engine, and the answers.
+"""The predictor: admission, decoding in a bounded pool, the batcher feeding the engine, and the answers.
 
-Order of work for a request, chosen so overload costs little (see shared PEERS.md):
-1. `admit()` reserves queue slots BEFORE the body is read or decoded, so a refused request costs ~nothing;
-2. the images are decoded in the decode pool (off the event loop), all of them before any inference;
+Order of work for a request, chosen so overload costs little and every cost is budgeted:
+1. `check_capacity()` refuses at once, before the body is read, when a new image could not start within the
+   deadline (the batcher's measured service rate); `admit()` then reserves the slots of the images it holds;
+2. every image's decode is planned from its header (pixels, samples, bytes: the working memory it will
+   need) and refused with 413 over the per-image limit; decodes then wait their turn under a global memory
+   budget and a fixed number of decode slots (no executor queue grows behind them); when one image of a
+   request fails, its siblings' decodes are cancelled, and a request whose client went away is dropped;
 3. each image is submitted to the batcher; its one inference thread runs routing-then-specialist on batches;
-4. only images that asked for a heatmap fetch the feature map and pay for Grad-CAM (in the decode pool).
+4. only images that asked for a heatmap fetch the feature map and pay for Grad-CAM (in a decode slot).
 """
 
 from __future__ import annotations
@@ -13,27 +17,30 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from service.answers import AbstentionPolicy, PartSource, image_prediction, study_answer, study_part
-from service.batching import BatcherClosedError, BatchStats, DynamicBatcher, Ticket
+from service.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError, Ticket
 from service.bundle import Bundle
 from service.dicom import body_part_from_dicom
 from service.dicom_output import secondary_capture
 from service.engine import Engine
 from service.errors import InferenceFailedError, ServiceError, from_image_error
 from service.heatmap import HeadBank, grad_cam, overlay, png_bytes
+from service.memory_budget import ByteBudget
 from service.metrics import Metrics
 from service.pipeline import ItemPrediction, predict_batch
-from service.preprocessing import ImageError, PreparedImage, prepare_image
+from service.preprocessing import DecodePlan, ImageError, PreparedImage, plan_decode, prepare_image
 from service.schemas import DicomAnswer, HeatmapAnswer, ImagePrediction, StudyResponse, Timings
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -96,16 +103,29 @@ class Predictor:
             intra_op_threads=settings.resolved_intra_op_threads(),
             spinning=settings.ort_spinning,
         )
-        self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
+        decode_threads = settings.resolved_decode_threads()
+        self._decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        # Work enters the pool only through these slots, so nothing ever waits inside the executor's own
+        # (unbounded, uncancellable once running) queue: a cancelled request leaves before it costs anything.
+        self._decode_slots = asyncio.Semaphore(decode_threads)
+        self.decode_memory = ByteBudget(settings.decode_memory_budget_bytes, "decode memory budget")
+        self.request_memory = ByteBudget(settings.request_memory_budget_bytes, "request memory budget")
         self.batcher: DynamicBatcher[_Item, _Answer] = DynamicBatcher(
             self._run_batch,
             max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
             max_wait_ms=settings.max_wait_ms,
+            max_queue_wait_ms=settings.max_queue_wait_ms,
             name="inference",
             on_batch=self._on_batch,
         )
-        metrics.track_queue_depth(lambda: self.batcher.queue_depth)
+        metrics.track_admission(
+            queue_depth=lambda: self.batcher.queue_depth,
+            expected_wait_s=lambda: self.batcher.expected_wait_s(),
+            seconds_per_image=lambda: self.batcher.seconds_per_item,
+            decode_bytes_in_use=lambda: self.decode_memory.in_use,
+            request_bytes_in_use=lambda: self.request_memory.in_use,
+        )
         self.heads = HeadBank.load(bundle.path(self.manifest.heads_file))
         self.policy = AbstentionPolicy.resolve(
             self.manifest, settings.abstain_min_router_probability, settings.abstain_max_colourfulness
@@ -116,7 +136,12 @@ class Predictor:
         """Warm up (first runs allocate and tune kernels), then accept work."""
         contract = self.manifest.input
         warm = np.zeros((1, contract.height, contract.width, 3), dtype=np.uint8)
-        await asyncio.get_running_loop().run_in_executor(None, predict_batch, self.engine, warm)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, predict_batch, self.engine, warm)  # allocations and kernel tuning
+        started = time.perf_counter()
+        await loop.run_in_executor(None, predict_batch, self.engine, warm)
+        # Until real batches are measured, admission assumes an image costs what a warm inference does.
+        self.batcher.seed_seconds_per_item(time.perf_counter() - started)
         await self.batcher.start()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -125,16 +150,24 @@ class Predictor:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
 
     # -- the work --------------------------------------------------------------------------------------------
-    def admit(self, count: int = 1) -> list[AnswerTicket]:
-        """Reserve `count` queue slots at once or none (QueueFullError / BatcherClosedError)."""
-        tickets: list[AnswerTicket] = []
+    def check_capacity(self, count: int = 1) -> None:
+        """Refuse (QueueFullError / BatcherClosedError) if `count` images could not start in time; reserves nothing."""
         try:
-            for _ in range(count):
-                tickets.append(self.batcher.admit())
-        except BaseException:
-            release_all(tickets)
+            self.batcher.check(count)
+        except QueueFullError as error:
+            self.metrics.refused.labels(error.reason).inc()
             raise
-        return tickets
+
+    def admit(self, count: int = 1, *, deadline: bool = True) -> list[AnswerTicket]:
+        """Reserve `count` queue slots at once or none (QueueFullError / BatcherClosedError).
+
+        `deadline=False` for more work of a request already admitted (the count bound still holds).
+        """
+        try:
+            return self.batcher.admit_many(count, deadline=deadline)
+        except QueueFullError as error:
+            self.metrics.refused.labels(error.reason).inc()
+            raise
 
     async def predict(self, tickets: Sequence[AnswerTicket], uploads: Sequence[Upload]) -> list[ImagePrediction]:
         """Every upload's answer, in upload order (any bad image fails the whole request before inference)."""
@@ -155,7 +188,7 @@ class Predictor:
                         f"this bundle knows {self.manifest.body_parts}",
                     )
             started = time.perf_counter()
-            prepared = await asyncio.gather(*(self._decode(u) for u in uploads))
+            prepared = await _all_or_nothing([self._decode(u) for u in uploads])
             decoded = time.perf_counter()
             sources = [self._part_source(u, p) for u, p in zip(uploads, prepared, strict=True)]
             items = [
@@ -201,8 +234,7 @@ class Predictor:
         """The answer a person reads, with the heatmap (computed off the event loop) when asked for."""
         heatmap = None
         if result.upload.heatmap:
-            loop = asyncio.get_running_loop()
-            heatmap = await loop.run_in_executor(self._decode_pool, self._heatmap, result)
+            heatmap = await self._in_pool(lambda: self._heatmap(result))
         dicom = result.prepared.dicom
         return image_prediction(
             self.manifest,
@@ -251,7 +283,7 @@ class Predictor:
         others = [r for r in results if r.prediction.body_part != part]
         rerun: list[_Answer] = []
         if others:
-            more = self.admit(len(others))
+            more = self.admit(len(others), deadline=False)  # the study was admitted; this is its own work
             rerun = list(
                 await asyncio.gather(
                     *(
@@ -288,31 +320,68 @@ class Predictor:
             lines.insert(1, f"ABSTAINED: {answer.abstention_reason}")
         if not answer.model.trained:
             lines.insert(1, "UNTRAINED MODEL: meaningless, not a result")
-        loop = asyncio.get_running_loop()
 
         def build() -> bytes:
             _, rgb = self._overlay(result)
             return secondary_capture(dicom.dataset, rgb, lines)
 
-        return await loop.run_in_executor(self._decode_pool, build)
+        return await self._in_pool(build)
 
     async def _decode(self, upload: Upload) -> PreparedImage:
+        """Plan from the header, wait for the memory the decode needs, then decode in a slot."""
         contract = self.manifest.input
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(
-                self._decode_pool,
-                lambda: prepare_image(
-                    upload.data,
-                    size=contract.height,
-                    resize=contract.resize,
-                    max_pixels=self.settings.max_pixels,
-                    display_max_side=self.settings.heatmap_max_side if upload.heatmap else None,
-                    dicom=upload.dicom,
-                ),
+        settings = self.settings
+        display_side = settings.heatmap_max_side if upload.heatmap else None
+        decoding = False  # set by the decode thread itself: a decode cancelled before it ran was skipped
+
+        def decode(plan: DecodePlan) -> PreparedImage:
+            nonlocal decoding
+            decoding = True
+            return prepare_image(
+                upload.data,
+                size=contract.height,
+                resize=contract.resize,
+                max_pixels=settings.max_pixels,
+                display_max_side=display_side,
+                dicom=upload.dicom,
+                max_decode_bytes=settings.max_image_decode_bytes,
+                plan=plan,
             )
+
+        try:
+            plan: DecodePlan = await self._in_pool(
+                lambda: plan_decode(
+                    upload.data,
+                    dicom=upload.dicom,
+                    size=contract.height,
+                    max_pixels=settings.max_pixels,
+                    max_decode_bytes=settings.max_image_decode_bytes,
+                    display_max_side=display_side,
+                )
+            )
+            async with self.decode_memory.hold(plan.working_bytes):
+                return await self._in_pool(lambda: decode(plan))
         except ImageError as error:
             raise from_image_error(error, upload.name) from error
+        except asyncio.CancelledError:
+            if not decoding:
+                self.metrics.decodes_skipped.inc()
+            raise
+
+    async def _in_pool(self, work: Callable[[], T]) -> T:
+        """Run `work` in the decode pool once a slot is free; its slot (and whatever memory the caller holds)
+        is kept until the thread has really finished, even when the caller is cancelled meanwhile."""
+        async with self._decode_slots:
+            future = self._decode_pool.submit(work)
+            result = asyncio.wrap_future(future)
+            try:
+                return await asyncio.shield(result)
+            except asyncio.CancelledError:
+                if not future.cancel():  # already running: a thread cannot be interrupted, so wait it out
+                    await asyncio.wait([result])
+                    if not result.cancelled():
+                        result.exception()  # retrieved: nobody wants it any more
+                raise
 
     async def _submit(self, ticket: AnswerTicket, item: _Item) -> _Answer:
         try:
@@ -341,3 +410,21 @@ class Predictor:
             self.metrics.inference_seconds.observe(stats.run_seconds)
         if stats.skipped:
             self.metrics.skipped.inc(stats.skipped)
+
+
+async def _all_or_nothing(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result in order, or the first failure with the rest cancelled (their decodes skipped or dropped)."""
+    tasks = [asyncio.ensure_future(item) for item in work]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [task for task in tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    failures = [task.exception() for task in tasks if not task.cancelled()]  # also marks each as retrieved
+    first = next((error for error in failures if error is not None), None)
+    if first is not None:
+        raise first
+    return [task.result() for task in tasks]

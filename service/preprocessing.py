@@ -3,68 +3,78 @@
 Contract (every model input in this project goes through :func:`prepare_image`):
 
 * Input: the raw bytes of a PNG, JPEG or DICOM file (DICOM is rendered by `service.dicom`: modality and VOI
-  LUTs, MONOCHROME1 inverted, scaled to 8 bits). Other formats, undecodable or truncated data, and images
-  whose header claims more than ``max_pixels`` pixels are rejected with an :class:`ImageError` subclass
-  carrying a human-readable ``reason`` and an HTTP ``status`` hint.
+  LUTs, MONOCHROME1 inverted, scaled to 8 bits). Other formats, undecodable, truncated or inconsistent data,
+  and images whose header claims more than ``max_pixels`` pixels or whose decode would need more than
+  ``max_decode_bytes`` (:func:`plan_decode`, from the header alone, before any pixel is decoded) are rejected
+  with an :class:`ImageError` subclass carrying a human-readable ``reason`` and an HTTP ``status`` hint.
 * EXIF orientation is applied, so the model sees the image the way a viewer displays it.
 * Output: a ``(size, size, 3)`` ``uint8`` array in RGB channel order. The image is reduced to one grey
   channel (alpha composited onto black; 16-bit, 32-bit and float data scaled by their inferred bit depth,
-  never clipped), stretched to ``size x size`` without letterboxing using the resize method named by the
-  model bundle (``"bilinear"`` or ``"nearest"``), and the grey channel is replicated three times.
+  never clipped; 16-bit data through a uint8 lookup table with the float32 arithmetic of a per-pixel
+  scaling, so no full-size float copy is made), stretched to ``size x size`` without letterboxing using the
+  resize method named by the model bundle (``"bilinear"`` or ``"nearest"``), and the grey channel is
+  replicated three times.
 * The 'caffe' normalisation (RGB->BGR, mean subtraction) is NOT done here: it lives inside the ONNX graph
   and the Keras model's first layer. This module only moves bytes.
 
-Only numpy, Pillow and (for DICOM) pydicom are used, so training code can import it without the serving stack.
+Only numpy, Pillow, pyspng (plain RGB PNG, when installed; the same pixels, faster) and (for DICOM) pydicom are
+used, so training code can import it without the serving stack.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps
 
-from service.dicom import DicomError, DicomImage, looks_like_dicom, read_dicom
+from service.decode_plan import (
+    DECODE_ERRORS,
+    SUPPORTED_FORMATS,
+    DecodePlan,
+    ImageError,
+    ImageTooLargeError,
+    UndecodableImageError,
+    UnsupportedImageFormatError,
+    apply_lut,
+    check_limits,
+    open_image,
+    pillow_plan,
+    pyspng,
+    spng_decodes,
+)
+from service.dicom import (
+    DicomError,
+    DicomImage,
+    check_pixel_data,
+    decode_cost,
+    looks_like_dicom,
+    parse_dicom,
+    render_dicom,
+)
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "DecodePlan",
+    "ImageError",
+    "ImageTooLargeError",
+    "PreparedImage",
+    "ResizeMethod",
+    "UndecodableImageError",
+    "UnsupportedImageFormatError",
+    "plan_decode",
+    "prepare_image",
+    "prepare_image_file",
+]
 
 ResizeMethod = Literal["bilinear", "nearest"]
-SUPPORTED_FORMATS = ("PNG", "JPEG")
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 _COLOUR_THUMB = 64  # side of the thumbnail colourfulness is measured on
-# What Pillow's parsers and decoders raise on hostile or broken input (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError)
-
-
-class ImageError(ValueError):
-    """The uploaded bytes cannot become a model input; ``status`` is the HTTP code to answer with."""
-
-    status: int = 400
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UndecodableImageError(ImageError):
-    """Not an image at all, or a PNG/JPEG whose data is truncated or corrupt."""
-
-    status = 422
-
-
-class UnsupportedImageFormatError(ImageError):
-    """A real image, but not PNG, JPEG or DICOM (or a DICOM transfer syntax no installed decoder reads)."""
-
-    status = 415
-
-
-class ImageTooLargeError(ImageError):
-    """The header declares more pixels than allowed (decompression-bomb guard, checked before decoding)."""
-
-    status = 413
+_DICOM_ERRORS = {413: ImageTooLargeError, 415: UnsupportedImageFormatError}
 
 
 @dataclass(frozen=True, eq=False)  # eq on an ndarray field would raise; identity equality and hash instead
@@ -80,6 +90,48 @@ class PreparedImage:
     dicom: DicomImage | None = None  # for DICOM input: its rendering facts and parsed dataset
 
 
+def plan_decode(
+    data: bytes,
+    *,
+    dicom: bool = False,
+    size: int = 224,
+    max_pixels: int = 50_000_000,
+    max_decode_bytes: int | None = None,
+    display_max_side: int | None = None,
+) -> DecodePlan:
+    """What decoding `data` will cost, from its header alone; raises ImageError (413 over a limit).
+
+    Cheap: Pillow opens lazily, pydicom parses without decoding pixel data. For DICOM the plan carries the
+    parsed dataset, and compressed pixel data has had its first codestream checked against the header.
+    """
+    if not data:
+        raise UndecodableImageError("not an image: got 0 bytes")
+    if dicom or looks_like_dicom(data):
+        try:
+            header = parse_dicom(data, force=dicom, max_inflated_bytes=max_decode_bytes)
+            plan = DecodePlan(
+                format="DICOM",
+                width=header.columns,
+                height=header.rows,
+                samples=header.samples,
+                bytes_per_sample=header.bytes_per_sample,
+                frames=header.frames,
+                working_bytes=decode_cost(header, display_max_side),
+                decoded_width=header.columns,
+                decoded_height=header.rows,
+                dicom=header,
+            )
+            check_limits(plan, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
+            check_pixel_data(header)  # after the limits: a too-large file is 413 whatever its data
+        except DicomError as error:
+            raise _DICOM_ERRORS.get(error.status, UndecodableImageError)(error.reason) from error
+        return plan
+    with open_image(data) as img:
+        plan = pillow_plan(img, data, size=size, display_max_side=display_max_side)
+    check_limits(plan, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
+    return plan
+
+
 def prepare_image(
     data: bytes,
     *,
@@ -88,43 +140,54 @@ def prepare_image(
     max_pixels: int = 50_000_000,
     display_max_side: int | None = None,
     dicom: bool = False,
+    max_decode_bytes: int | None = None,
+    plan: DecodePlan | None = None,
 ) -> PreparedImage:
     """Decode PNG/JPEG/DICOM bytes into the model input contract described in the module docstring.
 
     `display_max_side` also returns the grey image as displayed, at most that many pixels per side (heatmap
     overlays are drawn on it). `dicom=True` parses the bytes as DICOM even without the Part 10 preamble
-    (some senders strip it; the client said `application/dicom`). Raises an :class:`ImageError` subclass
-    for any bad input; never lets a Pillow or pydicom exception escape.
+    (some senders strip it; the client said `application/dicom`). `plan` (from :func:`plan_decode` on the
+    same bytes, e.g. made by admission control) is reused instead of reading the header again; the limits
+    are checked either way. Raises an :class:`ImageError` subclass for any bad input; never lets a Pillow
+    or pydicom exception escape.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
     if resize not in _RESAMPLE:
         raise ValueError(f"resize must be one of {sorted(_RESAMPLE)}, got {resize!r}")
-    if not data:
-        raise UndecodableImageError("not an image: got 0 bytes")
-    if dicom or looks_like_dicom(data):
-        return _prepare_dicom(data, size, resize, max_pixels, display_max_side)
+    if plan is None and (not data or dicom or looks_like_dicom(data)):
+        plan = plan_decode(
+            data,
+            dicom=dicom,
+            size=size,
+            max_pixels=max_pixels,
+            max_decode_bytes=max_decode_bytes,
+            display_max_side=display_max_side,
+        )
+    if plan is not None and plan.format == "DICOM":
+        check_limits(plan, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
+        return _prepare_dicom(plan, size, resize, display_max_side)
 
-    with _open(data) as img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageTooLargeError(
-                f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}"
-            )
-        source_mode = img.mode
+    with open_image(data) as img:
+        # The header is planned on the very image decoded below (one open); planning applies the JPEG draft.
+        own_plan = pillow_plan(img, data, size=size, display_max_side=display_max_side)
+        check_limits(plan or own_plan, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
+        width, height = own_plan.width, own_plan.height
+        source_mode = own_plan.mode
         fmt = img.format or "image"
-        if fmt in ("JPEG", "MPO"):
-            # Let libjpeg decode at 1/2..1/8 scale (DCT scaling) while keeping >= 2*size px per side.
-            img.draft("L" if img.mode == "L" else "RGB", (2 * size, 2 * size))
-        try:
-            img.load()
-            loaded_size = img.size
-            ImageOps.exif_transpose(img, in_place=True)
-        except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
-            raise UndecodableImageError(f"could not decode {fmt} data: {exc}") from exc
-        if img.size != loaded_size:  # orientation 5..8 swapped the axes
-            width, height = height, width
-        grey, colourfulness = _to_grey(img)
+        if spng_decodes(img, data):
+            grey, colourfulness = _spng_rgb_to_grey(data)
+        else:
+            try:
+                img.load()
+                loaded_size = img.size
+                ImageOps.exif_transpose(img, in_place=True)
+            except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
+                raise UndecodableImageError(f"could not decode {fmt} data: {exc}") from exc
+            if img.size != loaded_size:  # orientation 5..8 swapped the axes
+                width, height = height, width
+            grey, colourfulness = _to_grey(img)
 
     return PreparedImage(
         pixels=_model_input(grey, size, resize),
@@ -136,15 +199,12 @@ def prepare_image(
     )
 
 
-def _prepare_dicom(
-    data: bytes, size: int, resize: ResizeMethod, max_pixels: int, display_max_side: int | None
-) -> PreparedImage:
+def _prepare_dicom(plan: DecodePlan, size: int, resize: ResizeMethod, display_max_side: int | None) -> PreparedImage:
     try:
-        decoded = read_dicom(data, max_pixels=max_pixels)
+        decoded = render_dicom(plan.dicom)
     except DicomError as error:
-        kind = {413: ImageTooLargeError, 415: UnsupportedImageFormatError}.get(error.status, UndecodableImageError)
-        raise kind(error.reason) from error
-    grey = Image.fromarray(decoded.pixels, mode="L")
+        raise _DICOM_ERRORS.get(error.status, UndecodableImageError)(error.reason) from error
+    grey = Image.fromarray(decoded.pixels)  # mode L, sharing the array's memory
     return PreparedImage(
         pixels=_model_input(grey, size, resize),
         original_width=grey.width,
@@ -175,34 +235,27 @@ def prepare_image_file(
     size: int = 224,
     resize: ResizeMethod = "bilinear",
     max_pixels: int = 50_000_000,
+    max_decode_bytes: int | None = None,
 ) -> PreparedImage:
     """Read a file and prepare it exactly as an upload would be (training/evaluation entry point)."""
     with open(path, "rb") as fh:
         data = fh.read()
     dicom = str(path).lower().endswith(".dcm")
-    return prepare_image(data, size=size, resize=resize, max_pixels=max_pixels, dicom=dicom)
+    return prepare_image(
+        data, size=size, resize=resize, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes, dicom=dicom
+    )
 
 
-def _open(data: bytes) -> Image.Image:
-    """Open lazily (header only), telling undecodable data apart from real but unsupported formats."""
+def _spng_rgb_to_grey(data: bytes) -> tuple[Image.Image, float]:
+    """An 8-bit RGB PNG decoded by libspng, then reduced exactly as Pillow's own decode would be (spng_decodes)."""
     try:
-        return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except Image.DecompressionBombError as exc:  # Pillow's own check fired first (> 2 * MAX_IMAGE_PIXELS)
-        raise ImageTooLargeError(f"image is too large to decode safely: {exc}") from exc
-    except _DECODE_ERRORS as exc:
-        first_error: Exception = exc
-    try:
-        with Image.open(io.BytesIO(data)) as other:
-            fmt = other.format
-    except Image.DecompressionBombError as exc:
-        raise UnsupportedImageFormatError("unsupported image format; send PNG, JPEG or DICOM") from exc
-    except _DECODE_ERRORS:
-        fmt = None
-    if fmt is None:
-        # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" adds nothing for a client.
-        detail = "" if isinstance(first_error, UnidentifiedImageError) else f": {first_error}"
-        raise UndecodableImageError(f"not a PNG, JPEG or DICOM image ({len(data)} bytes){detail}") from first_error
-    raise UnsupportedImageFormatError(f"{fmt} images are not supported; send PNG, JPEG or DICOM")
+        rgb = pyspng.load(data)
+    except Exception as exc:  # libspng reports corrupt or truncated data as RuntimeError
+        raise UndecodableImageError(f"could not decode PNG data: {exc}") from exc
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise UndecodableImageError(f"could not decode PNG data: libspng gave {rgb.dtype} {rgb.shape} for RGB")
+    image = Image.fromarray(rgb)
+    return image.convert("L"), _colourfulness(image)
 
 
 def _to_grey(img: Image.Image) -> tuple[Image.Image, float]:
@@ -221,8 +274,8 @@ def _to_grey(img: Image.Image) -> tuple[Image.Image, float]:
         rgba = img.convert("RGBA")
         alpha = rgba.getchannel("A")
         rgb = ImageChops.multiply(rgba.convert("RGB"), Image.merge("RGB", (alpha, alpha, alpha)))
-    else:  # RGB, P, CMYK, YCbCr, ...
-        rgb = img.convert("RGB")
+    else:  # RGB (used as is: a copy would cost 4 bytes per pixel), P, CMYK, YCbCr, ...
+        rgb = img if mode == "RGB" else img.convert("RGB")
     return rgb.convert("L"), _colourfulness(rgb)
 
 
@@ -238,9 +291,16 @@ def _scale_high_depth(img: Image.Image) -> Image.Image:
     Pillow's ``convert("L")`` clips 16-bit values at 255, which turns a 12-bit radiograph white. Integer
     data is scaled by its inferred bit depth, ``bits = max(8, bit_length(max))``, so 0 -> 0 and
     ``2**bits - 1`` -> 255 (negative values clip to 0). Float data in [0, 1] is taken as is, otherwise it
-    is scaled by its maximum.
+    is scaled by its maximum. 16-bit data goes through a 65,536-entry uint8 table holding exactly what the
+    per-pixel float32 arithmetic gives, so no full-size float copy is made.
     """
     raw = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        raw = raw.astype(np.uint16, copy=False)  # I;16B arrives big-endian
+        bits = max(8, int(raw.max()).bit_length()) if raw.size else 8
+        domain = np.arange(2**16, dtype=np.float32)
+        lut = np.rint(np.clip(domain * (255.0 / (2**bits - 1)), 0.0, 255.0)).astype(np.uint8)
+        return Image.fromarray(apply_lut(lut, raw))
     values = raw.astype(np.float32)
     if img.mode == "F":
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)

@@ -3,17 +3,22 @@
 Off by default (the local demo needs neither). With `BFD_API_KEY` set, a request must carry the key in
 `X-API-Key` or `Authorization: Bearer <key>`; the comparison is constant-time. Health, readiness, metrics,
 the OpenAPI docs and the web page's static files stay open (probes and the login-free page shell).
+Serving without a key on an address other than loopback is allowed but loud (`exposure_warning`).
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+import ipaddress
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 async def require_api_key(
@@ -52,3 +57,29 @@ def install_cors(app: FastAPI, origins: list[str]) -> None:
             allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Image-Name"],
             expose_headers=["Retry-After"],
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the service on this machine: 127.0.0.0/8, ::1 or localhost."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:  # another name: it may resolve to anything, so it does not count as loopback
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The start-up warning for a service open to the network (a non-loopback bind and no API key), else None."""
+    if settings.api_key is not None or is_loopback(settings.host):
+        return None
+    shown = settings.host or "all interfaces"
+    return (
+        f"EXPOSED WITHOUT AN API KEY: listening on {shown} (port {settings.port}), which is not a loopback "
+        "address, and BFD_API_KEY is unset: anyone who can reach this port can upload images and read every "
+        "stored result (/v1, /api). Set BFD_API_KEY to a long random key, or bind 127.0.0.1."
+    )

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.engine import PROVIDER_NAMES, default_intra_op_threads
+from service.memory_budget import REQUEST_BODY_COPIES
 
 
 class Settings(BaseSettings):
@@ -25,11 +26,39 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(None, ge=1, description="decode pool size (default: all cores)")
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
     max_batch_size: int = Field(16, ge=1, le=256)
-    max_queue_size: int = Field(64, ge=1, description="images admitted but not yet running; more get 503")
     max_wait_ms: float = Field(0.0, ge=0.0, description="extra wait to fill a batch (accelerators); 0 on CPU")
+    # Admission: work is taken on only when it can start within a deadline (service.admission, README).
+    max_queue_wait_ms: float = Field(
+        1000.0,
+        gt=0.0,
+        description="longest an accepted image is expected to wait before its batch starts; more gets 503",
+    )
+    max_queue_size: int = Field(
+        256, ge=1, description="hard bound on images admitted and not yet running (backstop); more get 503"
+    )
+    # Memory: request bodies and decodes are budgeted by bytes, so N parallel requests cannot exceed it.
     max_upload_bytes: int = Field(30_000_000, ge=1, description="request body limit; more gets 413")
+    request_memory_budget_bytes: int = Field(
+        300_000_000, ge=1, description="bytes of request bodies held at once (read, not yet answered); more get 503"
+    )
     max_pixels: int = Field(50_000_000, ge=1, description="decoded pixel limit per image; more gets 413")
+    max_image_decode_bytes: int = Field(
+        400_000_000, ge=1, description="estimated working memory of one image's decode; more gets 413"
+    )
+    decode_memory_budget_bytes: int = Field(
+        800_000_000, ge=1, description="estimated working memory of all decodes in flight; the rest wait their turn"
+    )
     max_images_per_request: int = Field(16, ge=1)
+    # Slow or silent clients: bodies must keep coming, headers must arrive (service.http_server).
+    upload_timeout_s: float = Field(60.0, gt=0.0, description="a request body must be complete within this; else 408")
+    upload_min_bytes_per_s: float = Field(
+        20_000.0, ge=0.0, description="after the first 5 s a body must average this rate; else 408 (0: no check)"
+    )
+    header_timeout_s: float = Field(10.0, gt=0.0, description="request headers must be complete within this")
+    keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="idle keep-alive connections are closed after this")
+    limit_concurrency: int = Field(
+        1024, ge=1, description="connections plus requests the HTTP server takes at once; more get 503"
+    )
     abstain_min_router_probability: float | None = Field(
         None, ge=0.0, le=1.0, description="abstain under this router top probability (default: bundle, else 0.5)"
     )
@@ -41,6 +70,9 @@ class Settings(BaseSettings):
         description="results store: sqlite+aiosqlite:///FILE (default, embedded) or postgresql+asyncpg://...",
     )
     store_images: bool = Field(False, description="also keep the uploaded image bytes in the results store")
+    store_identifiable_images: bool = Field(
+        False, description="with store_images: keep DICOM as received, patient data included (default: de-identified)"
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, every /v1 and /api request needs it (X-API-Key or Authorization: Bearer)"
     )
@@ -61,8 +93,17 @@ class Settings(BaseSettings):
 
     @field_validator("api_key", mode="before")
     @classmethod
-    def _empty_key_is_none(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
+    def _no_empty_key(cls, value: object) -> object:
+        # An empty key once meant 'no key', which silently turned authentication off (BFD_API_KEY="" from a
+        # template or a missing secret): refused, so that only an unset key runs the service open.
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str) and not raw.strip():
+            got = "an empty value" if not raw else "only whitespace"
+            raise ValueError(
+                f"api_key (BFD_API_KEY) must be a real key or unset, got {got}: set a long random key, "
+                "or unset BFD_API_KEY to run without one (then bind a loopback address only)"
+            )
+        return value
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -79,6 +120,22 @@ class Settings(BaseSettings):
         if unknown or not names:
             raise ValueError(f"providers must be 'auto' or from {sorted(PROVIDER_NAMES)}, got {value}")
         return names
+
+    @model_validator(mode="after")
+    def _budgets_fit(self) -> Settings:
+        """A budget smaller than the largest thing it must hold would refuse that thing for ever."""
+        if self.max_image_decode_bytes > self.decode_memory_budget_bytes:
+            raise ValueError(
+                f"max_image_decode_bytes ({self.max_image_decode_bytes}) must not exceed decode_memory_budget_bytes "
+                f"({self.decode_memory_budget_bytes}): the largest allowed decode must fit the budget"
+            )
+        needed = REQUEST_BODY_COPIES * self.max_upload_bytes
+        if needed > self.request_memory_budget_bytes:
+            raise ValueError(
+                f"request_memory_budget_bytes ({self.request_memory_budget_bytes}) must be at least "
+                f"{REQUEST_BODY_COPIES} x max_upload_bytes = {needed}: a request of the largest allowed size must fit"
+            )
+        return self
 
     def resolved_intra_op_threads(self) -> int:
         return self.intra_op_threads or default_intra_op_threads()

@@ -24,9 +24,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_inputs import lut_item
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -35,8 +37,10 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,
     RLELossless,
@@ -536,3 +540,284 @@ def test_patient_identifiers_stay_out_of_error_reasons(caplog: pytest.LogCapture
         _assert_no_identifiers(str(caught.value.__cause__))
     for record in caplog.records:
         _assert_no_identifiers(record.getMessage())
+
+
+# --- what real files carry: palettes, YCbCr, float and 1-bit data, signed data, several frames -----------------------
+
+
+def _reference_rendering(data: bytes) -> np.ndarray:
+    """The rendering before the lookup tables: pydicom's pixel_array, then float64 per pixel (the old code path)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = dcmread(io.BytesIO(data))
+    ds.pixel_array_options(index=0)
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds:
+        values = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
+        scaled = values / float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1) * 255.0
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        centre = float(ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter)
+        width = max(float(ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth), 1.0)
+        if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
+            scaled = 255.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+        else:
+            scaled = ((values - (centre - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5) * 255.0
+    else:
+        low, high = values.min(), values.max()
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    out = np.rint(np.clip(np.nan_to_num(scaled), 0.0, 255.0)).astype(np.uint8)
+    return 255 - out if str(ds.PhotometricInterpretation) == "MONOCHROME1" else out
+
+
+def _real_grey(rows: int = 250, columns: int = 200) -> np.ndarray:
+    """A real radiograph (FracAtlas, CC BY 4.0) scaled to 12 bits: (rows, columns) uint16."""
+    path = Path(__file__).parent / "data/xray/hand/fractured/fracatlas_IMG0002352.jpg"
+    with Image.open(path) as img:
+        grey = np.asarray(img.convert("L").resize((columns, rows), Image.Resampling.BILINEAR))
+    return grey.astype(np.uint16) * 16 + (np.arange(rows * columns).reshape(rows, columns) % 16).astype(np.uint16)
+
+
+def _signed(ds: Dataset) -> Dataset:
+    stored = np.frombuffer(ds.PixelData, dtype="<u2").astype(np.int32) - 2048
+    ds.PixelRepresentation = 1
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    return ds
+
+
+RENDERINGS = {
+    "no-window": lambda: _radiograph(_real_grey()),
+    "window": lambda: _radiograph(_real_grey(), WindowCenter=2200, WindowWidth=2600),
+    "several-windows": lambda: _radiograph(_real_grey(), WindowCenter=[1500, 3000], WindowWidth=[800, 400]),
+    "monochrome1-window": lambda: _radiograph(
+        _real_grey(), photometric="MONOCHROME1", WindowCenter=2000, WindowWidth=3000
+    ),
+    "monochrome1-min-max": lambda: _radiograph(_real_grey(), photometric="MONOCHROME1"),
+    "rescale-and-window": lambda: _radiograph(
+        _real_grey(), RescaleSlope=0.5, RescaleIntercept=-300, WindowCenter=700, WindowWidth=1200
+    ),
+    "negative-slope-min-max": lambda: _radiograph(_real_grey(), RescaleSlope=-1, RescaleIntercept=4095),
+    "signed-ct-like": lambda: _signed(_radiograph(_real_grey(), bits_stored=16, WindowCenter=-600, WindowWidth=1500)),
+    "signed-min-max": lambda: _signed(_radiograph(_real_grey(), bits_stored=16)),
+    "sigmoid": lambda: _radiograph(_real_grey(), WindowCenter=2000, WindowWidth=1500, VOILUTFunction="SIGMOID"),
+    "modality-lut-sequence": lambda: _radiograph(
+        _real_grey(), ModalityLUTSequence=[lut_item([4096, 0, 16], [int(v) for v in np.sqrt(np.arange(4096)) * 1000])]
+    ),
+    "voi-lut-sequence": lambda: _radiograph(
+        _real_grey(), VOILUTSequence=[lut_item([4096, 0, 12], [4095 - v for v in range(4096)])]
+    ),
+    "eight-bit": lambda: _eight_bit(),
+}
+
+
+def _eight_bit() -> Dataset:
+    ds = _radiograph(np.zeros((250, 200), dtype=np.uint16))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = (_real_grey() >> 4).astype(np.uint8).tobytes()
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float input:UserWarning")  # the reference only
+@pytest.mark.parametrize("name", sorted(RENDERINGS))
+def test_lookup_table_rendering_matches_the_float64_reference(name: str) -> None:
+    data = _encode(RENDERINGS[name]())
+    reference = _reference_rendering(data)
+    rendering = _render(data)
+    _assert_close(rendering, reference, tolerance=1)
+    assert rendering.std() > 10  # a real image, not a flat field
+    prepared = prepare_image(data)
+    expected = prepare_image(_png(reference)).pixels  # the same model input as the reference's grey PNG
+    assert int(np.abs(prepared.pixels.astype(np.int32) - expected).max()) <= 1
+
+
+def test_rle_copy_matches_the_reference_too() -> None:
+    ds = _radiograph(_real_grey(), WindowCenter=2200, WindowWidth=2600)
+    ds.compress(RLELossless, _real_grey())
+    data = _encode(ds)
+    _assert_close(_render(data), _reference_rendering(data), tolerance=1)
+
+
+def _colour_image(rows: int = 40, columns: int = 40) -> np.ndarray:
+    colour = np.zeros((rows, columns, 3), dtype=np.uint8)
+    colour[:, : columns // 2] = (230, 20, 20)
+    colour[:, columns // 2 :] = (20, 20, 230)
+    colour[: rows // 4] = (40, 200, 40)
+    return colour
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb, mode="RGB").convert("L"))
+
+
+def test_palette_colour_is_applied_so_colour_is_seen() -> None:
+    indices = np.tile(np.arange(64, dtype=np.uint8) * 4, (32, 1))
+    ds = _radiograph(np.zeros((32, 64), dtype=np.uint16))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = indices.tobytes()
+    red, green, blue = (
+        (np.arange(256) * 257).astype("<u2"),
+        np.zeros(256, "<u2"),
+        ((255 - np.arange(256)) * 257).astype("<u2"),
+    )
+    for colour, table in (("Red", red), ("Green", green), ("Blue", blue)):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", table.tobytes())
+    prepared = prepare_image(_encode(ds))
+    assert prepared.dicom is not None
+    assert prepared.dicom.photometric == "PALETTE COLOR"
+    assert prepared.colourfulness > 30  # red to blue: the abstention sees colour, not a grey index ramp
+    expected_rgb = np.stack([indices, np.zeros_like(indices), 255 - indices], axis=2)
+    _assert_close(prepared.dicom.pixels, _luma(expected_rgb), tolerance=1)
+
+
+def test_ybr_full_uncompressed_is_converted_to_rgb() -> None:
+    from pydicom.pixels import convert_color_space
+
+    rgb = _colour_image()
+    ds = _radiograph(rgb, photometric="RGB")
+    ds.PhotometricInterpretation = "YBR_FULL"
+    ds.PixelData = convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    prepared = prepare_image(_encode(ds))
+    assert prepared.colourfulness > 30
+    _assert_close(prepared.dicom.pixels, _luma(rgb), tolerance=2)  # type: ignore[union-attr]
+
+
+def test_ybr_full_422_uncompressed_is_expanded_and_converted() -> None:
+    from pydicom.pixels import convert_color_space
+
+    rgb = _colour_image()  # colours constant over horizontal pixel pairs: 4:2:2 loses nothing
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL").reshape(40, 20, 2, 3)
+    packed = np.stack([ybr[:, :, 0, 0], ybr[:, :, 1, 0], ybr[:, :, 0, 1], ybr[:, :, 0, 2]], axis=2)  # Y1 Y2 Cb Cr
+    ds = _radiograph(rgb, photometric="RGB")
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = packed.astype(np.uint8).tobytes()
+    prepared = prepare_image(_encode(ds))
+    assert prepared.colourfulness > 30
+    _assert_close(prepared.dicom.pixels, _luma(rgb), tolerance=2)  # type: ignore[union-attr]
+
+
+def test_jpeg_baseline_ycbcr_is_converted_by_the_decoder() -> None:
+    rgb = _colour_image(64, 64)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=95, subsampling="4:2:2")
+    ds = _radiograph(rgb, photometric="RGB")
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    prepared = prepare_image(_encode(ds))
+    assert prepared.colourfulness > 30
+    with Image.open(io.BytesIO(buffer.getvalue())) as pillow:
+        _assert_close(prepared.dicom.pixels, np.asarray(pillow.convert("L")), tolerance=3)  # type: ignore[union-attr]
+
+
+def test_jpeg2000_ybr_rct_is_undone_by_the_decoder() -> None:
+    if not get_encoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 encoder installed")
+    rgb = _colour_image()
+    ds = _radiograph(rgb, photometric="RGB")
+    ds.compress(JPEG2000Lossless, rgb, use_mct=True)  # the reversible colour transform, inside the codestream
+    ds.PhotometricInterpretation = "YBR_RCT"
+    prepared = prepare_image(_encode(ds))
+    assert prepared.dicom is not None
+    assert prepared.dicom.photometric == "YBR_RCT"
+    np.testing.assert_array_equal(prepared.dicom.pixels, _luma(rgb))  # lossless: exactly the RGB's grey
+
+
+@pytest.mark.parametrize(
+    ("keyword", "dtype", "bits"), [("FloatPixelData", "<f4", 32), ("DoubleFloatPixelData", "<f8", 64)]
+)
+def test_float_pixel_data_is_min_max_scaled_and_nan_is_the_lowest(keyword: str, dtype: str, bits: int) -> None:
+    ds = _radiograph(np.zeros((8, 8), dtype=np.uint16))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = bits
+    values = np.linspace(-1.0, 3.0, 64).reshape(8, 8).astype(dtype)
+    values[0, 0] = np.nan
+    setattr(ds, keyword, values.tobytes())
+    rendering = _render(_encode(ds))
+    finite = values.astype(np.float64)
+    finite[0, 0] = np.nanmin(finite)  # NaN takes the lowest real value
+    _assert_close(rendering, _min_max(finite))
+    assert rendering[0, 0] == 0
+
+
+def test_one_bit_data_renders_black_and_white() -> None:
+    from pydicom.pixels import pack_bits
+
+    board = (np.indices((16, 24)).sum(axis=0) % 2).astype(np.uint8)
+    ds = _radiograph(np.zeros((16, 24), dtype=np.uint16))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = pack_bits(board)
+    ds["PixelData"].VR = "OB"
+    np.testing.assert_array_equal(_render(_encode(ds)), board * 255)
+
+
+def test_twelve_bits_in_sixteen_ignore_the_unused_high_bits() -> None:
+    """PS3.5 8.1.1: the bits above Bits Stored cannot be assumed zero (old overlays live there)."""
+    pixels = _gradient(low=0, high=4095)
+    clean = _render(_encode(_radiograph(pixels, WindowCenter=2000, WindowWidth=3000)))
+    dirty = _radiograph(pixels, WindowCenter=2000, WindowWidth=3000)
+    dirty.PixelData = (pixels | 0xA000).astype("<u2").tobytes()
+    np.testing.assert_array_equal(_render(_encode(dirty)), clean)
+
+
+def test_multi_frame_uncompressed_decodes_only_the_first_frame() -> None:
+    """tracemalloc sees numpy's allocations: materialising 40 frames would allocate 40 frames' worth of arrays.
+
+    One frame costs its array and the rendering's fixed tables (65,536 float64 entries, an 8 MB index chunk
+    at most), whatever the number of frames.
+    """
+    import tracemalloc
+
+    from service.dicom import check_pixel_data, parse_dicom, render_dicom
+
+    first = _real_grey(512, 512)
+    stack = np.stack([first] + [np.full_like(first, 4095)] * 39)
+    header = parse_dicom(_encode(_radiograph(stack, frames=40)))
+    check_pixel_data(header)
+    tracemalloc.start()
+    try:
+        rendered = render_dicom(header)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < stack.nbytes / 4, f"decoding one frame allocated {peak} bytes; all frames are {stack.nbytes}"
+    _assert_close(rendered.pixels, _min_max(first.astype(np.float64)))
+
+
+def test_deflated_transfer_syntax_renders() -> None:
+    ds = _radiograph(_real_grey(64, 48), WindowCenter=2000, WindowWidth=3000)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    reference = _render(_encode(_radiograph(_real_grey(64, 48), WindowCenter=2000, WindowWidth=3000)))
+    np.testing.assert_array_equal(_render(_encode(ds)), reference)
+
+
+def test_compressed_frame_is_checked_against_the_header_before_decoding() -> None:
+    """A valid JPEG-LS file passes the check; the same codestream under a different Rows is refused (422)."""
+    if not get_encoder(JPEGLSLossless).is_available:
+        pytest.skip("no JPEG-LS encoder installed")
+    pixels = _gradient(rows=32, columns=40)
+    ds = _radiograph(pixels)
+    ds.compress(JPEGLSLossless, pixels)
+    assert _render(_encode(ds)).shape == (32, 40)
+    ds.Rows = 64
+    with pytest.raises(UndecodableImageError, match="JPEG-LS codestream of the first frame is 40x32"):
+        prepare_image(_encode(ds))
+
+
+def test_read_dicom_checks_the_codestream_too() -> None:
+    ds = _multi_frame_rle([_gradient(rows=32, columns=32)] * 2)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7  # two segments per frame, one expected
+    with pytest.raises(DicomError, match="RLE header lists 2 segments") as caught:
+        read_dicom(_encode(ds), max_pixels=10_000)
+    assert caught.value.status == 422
+
+
+def test_read_dicom_applies_the_decode_budget_when_given() -> None:
+    from hostile_inputs import rle_bomb
+
+    with pytest.raises(DicomError, match="the limit per image is 400000000") as caught:
+        read_dicom(rle_bomb(), max_pixels=50_000_000, max_decode_bytes=400_000_000)
+    assert caught.value.status == 413
+    assert read_dicom(_encode(_radiograph(_gradient())), max_pixels=10_000, max_decode_bytes=50_000_000).pixels.shape

@@ -29,8 +29,10 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    # BFD_MAX_BATCH_SIZE: settings come from the environment too
-    with bfd_serve(demo_bundle, tmp_path_factory.mktemp("serve"), env={"BFD_MAX_BATCH_SIZE": "8"}) as served:
+    # BFD_MAX_BATCH_SIZE: settings come from the environment too. A generous deadline: these tests are about
+    # answers and draining, and a slow machine must not turn their bursts into 503s (tests/test_admission*.py).
+    env = {"BFD_MAX_BATCH_SIZE": "8", "BFD_MAX_QUEUE_WAIT_MS": "60000"}
+    with bfd_serve(demo_bundle, tmp_path_factory.mktemp("serve"), env=env) as served:
         yield served
 
 

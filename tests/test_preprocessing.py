@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_inputs import encode as encode_dicom
+from hostile_inputs import lut_item, measure_decode, radiograph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from service import preprocessing
 from service.preprocessing import (
@@ -23,6 +26,7 @@ from service.preprocessing import (
     PreparedImage,
     UndecodableImageError,
     UnsupportedImageFormatError,
+    plan_decode,
     prepare_image,
     prepare_image_file,
 )
@@ -431,3 +435,223 @@ def test_module_imports_only_numpy_and_pillow() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# --- decode plans: the cost of a decode, from the header -----------------------------------------------------------
+
+
+def test_plan_reads_the_header_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[object] = []
+    original_load = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loads.append(self)
+        return original_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    sixteen = plan_decode(encode(Image.fromarray(np.full((30, 40), 3000, dtype=np.uint16))))
+    large = plan_decode(LARGE_GREY.read_bytes())
+    assert loads == []
+    assert (sixteen.format, sixteen.width, sixteen.height, sixteen.samples, sixteen.bytes_per_sample) == (
+        "PNG",
+        40,
+        30,
+        1,
+        2,
+    )
+    assert (large.format, large.width, large.height, large.frames) == ("JPEG", 2304, 2880, 1)
+    assert (large.decoded_width, large.decoded_height) == (576, 720)  # the draft prepare_image will use
+    assert sixteen.working_bytes > 0
+    assert large.working_bytes > 2304 * 2880 * 2  # progressive: full-size DCT coefficients until the last scan
+
+
+def test_decode_budget_refuses_with_the_figure_and_the_limit() -> None:
+    data = encode(noise("RGB", (300, 200)))
+    plan = plan_decode(data)
+    assert plan.samples == 3
+    with pytest.raises(ImageTooLargeError) as caught:
+        prepare_image(data, max_decode_bytes=plan.working_bytes - 1)
+    reason = caught.value.reason
+    assert caught.value.status == 413
+    assert "300x200 px x 3 samples x 1 bytes x" in reason
+    assert "working copies" in reason
+    assert "the limit per image is" in reason
+    assert_contract(prepare_image(data, max_decode_bytes=plan.working_bytes))
+
+
+def test_a_given_plan_is_used_and_its_limits_still_checked() -> None:
+    data = encode(noise("L", (64, 48)))
+    plan = plan_decode(data)
+    assert np.array_equal(prepare_image(data, plan=plan).pixels, prepare_image(data).pixels)
+    with pytest.raises(ImageTooLargeError):
+        prepare_image(data, plan=plan, max_pixels=100)
+    with pytest.raises(ImageTooLargeError):
+        prepare_image(data, plan=plan, max_decode_bytes=1000)
+
+
+def test_dicom_plan_carries_the_parse_prepare_image_reuses() -> None:
+    data = encode_dicom(radiograph(np.stack([np.full((20, 30), v, dtype=np.uint16) for v in (1, 2, 3)])))
+    plan = plan_decode(data)
+    assert (plan.format, plan.width, plan.height, plan.frames, plan.bytes_per_sample) == ("DICOM", 30, 20, 3, 2)
+    prepared = prepare_image(data, plan=plan)
+    assert prepared.dicom is not None
+    assert prepared.dicom.dataset is plan.dicom.dataset  # parsed once
+
+
+def _realistic_grey(width: int, height: int) -> np.ndarray:
+    with Image.open(LARGE_GREY) as img:
+        return np.asarray(img.convert("L").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _estimate_cases() -> list[tuple[str, bytes, bool]]:
+    grey = _realistic_grey(4000, 4000)
+    twelve = grey.astype(np.uint16) * 16 + 7
+    rgb = np.stack([grey[:3000, :3000], grey[:3000, 1000:], grey[1000:, :3000]], axis=2)
+    buffers = {}
+    for name, img, params in [
+        ("png-16bit-4000", Image.fromarray(twelve), {"compress_level": 1}),
+        ("png-rgba-2000", Image.fromarray(np.dstack([rgb[:2000, :2000], grey[:2000, :2000]])), {"compress_level": 1}),
+        ("jpeg-rgb-4000", Image.fromarray(np.dstack([grey] * 3)), {"quality": 90}),
+        ("jpeg-grey-progressive-4000", Image.fromarray(grey), {"quality": 90, "progressive": True}),
+    ]:
+        fmt = "PNG" if name.startswith("png") else "JPEG"
+        buffers[name] = (encode(img, fmt, **params), False)
+    buffers["dicom-rgb-3000"] = (encode_dicom(radiograph(rgb, photometric="RGB")), True)
+    sixteen = twelve[:2500, :2000]
+    for syntax, name in [(RLELossless, "dicom-16bit-rle"), (JPEG2000Lossless, "dicom-16bit-j2k")]:
+        ds = radiograph(sixteen, WindowCenter=2000, WindowWidth=3000)
+        ds.compress(syntax, sixteen)
+        buffers[name] = (encode_dicom(ds), True)
+    palette = radiograph(grey[:2000, :2000], photometric="PALETTE COLOR", bits_stored=8)
+    palette.RedPaletteColorLookupTableDescriptor = palette.GreenPaletteColorLookupTableDescriptor = [256, 0, 16]
+    palette.BluePaletteColorLookupTableDescriptor = [256, 0, 16]
+    ramp = (np.arange(256, dtype=np.uint16) * 257).tobytes()
+    palette.RedPaletteColorLookupTableData = palette.GreenPaletteColorLookupTableData = ramp
+    palette.BluePaletteColorLookupTableData = ramp[::-1]
+    buffers["dicom-palette-2000"] = (encode_dicom(palette), True)
+    lut = radiograph(sixteen[:1500, :1500], ModalityLUTSequence=[lut_item([4096, 0, 16], list(range(0, 65536, 16)))])
+    buffers["dicom-modality-lut-1500"] = (encode_dicom(lut), True)
+    dirty = radiograph(sixteen)  # unused high bits set: the frame is copied and shifted
+    dirty.PixelData = (sixteen | 0xA000).tobytes()
+    buffers["dicom-16bit-dirty-high-bits"] = (encode_dicom(dirty), True)
+    floats = radiograph(np.zeros((2, 2), dtype=np.uint16))
+    del floats.PixelData, floats.BitsStored, floats.HighBit, floats.PixelRepresentation
+    floats.BitsAllocated, floats.Rows, floats.Columns = 32, 2500, 2000
+    floats.FloatPixelData = sixteen.astype(np.float32).tobytes()
+    buffers["dicom-float32"] = (encode_dicom(floats), True)
+    return [(name, data, dicom) for name, (data, dicom) in buffers.items()]
+
+
+@pytest.mark.parametrize(("name", "data", "dicom"), _estimate_cases(), ids=lambda value: str(value)[:32])
+def test_estimate_is_not_below_the_real_peak(name: str, data: bytes, dicom: bool) -> None:
+    """The real peak (RSS high-water of a fresh process: Pillow's and the codecs' buffers included)."""
+    measured = measure_decode(data, dicom=dicom, display_max_side=1024)
+    assert measured["status"] == 200, measured
+    estimate, peak = int(measured["estimate"]), int(measured["peak_rise"])  # type: ignore[call-overload]
+    assert estimate >= peak, f"{name}: estimated {estimate} bytes, the decode peaked at {peak}"
+    assert estimate <= 3 * peak + 16_000_000, f"{name}: estimated {estimate} bytes for a peak of {peak}: too cautious"
+
+
+# --- the lookup-table decode matches the per-pixel arithmetic it replaced ------------------------------------------
+
+
+def _reference_grey(data: bytes, size: int) -> np.ndarray:
+    """prepare_image's PNG/JPEG path before the lookup tables: float32 scaling per pixel, full-size copies."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            img.draft("L" if img.mode == "L" else "RGB", (2 * size, 2 * size))
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+        if img.mode.startswith("I;16"):
+            raw = np.asarray(img)
+            bits = max(8, int(raw.max()).bit_length())
+            values = raw.astype(np.float32) * (255.0 / (2**bits - 1))
+            grey = Image.fromarray(np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8))
+        else:
+            grey = img if img.mode == "L" else img.convert("RGB").convert("L")
+        return np.asarray(grey)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "png-8bit",
+        "png-12bit-in-16",
+        "png-16bit-full",
+        "png-16bit-low-values",
+        "png-rgb",
+        "jpeg-large-grey",
+        "jpeg-small-rgb",
+        "jpeg-exif-rotated",
+    ],
+)
+@pytest.mark.parametrize("resize", ["bilinear", "nearest"])
+def test_decode_matches_the_reference_within_one_grey_level(source: str, resize: str) -> None:
+    grey = _realistic_grey(700, 900)
+    rng = np.random.default_rng(5)
+    data = {
+        "png-8bit": lambda: encode(Image.fromarray(grey)),
+        "png-12bit-in-16": lambda: encode(
+            Image.fromarray(grey.astype(np.uint16) * 16 + rng.integers(0, 16, grey.shape, dtype=np.uint16))
+        ),
+        "png-16bit-full": lambda: encode(Image.fromarray(grey.astype(np.uint16) * 257)),
+        "png-16bit-low-values": lambda: encode(Image.fromarray(grey.astype(np.uint16) // 2)),
+        "png-rgb": lambda: encode(Image.fromarray(np.dstack([grey, grey // 2, 255 - grey]))),
+        "jpeg-large-grey": LARGE_GREY.read_bytes,
+        "jpeg-small-rgb": SMALL_RGB.read_bytes,
+        "jpeg-exif-rotated": ROTATED.read_bytes,
+    }[source]()
+    prepared = prepare_image(data, resize=resize, display_max_side=4096)  # type: ignore[arg-type]
+    reference = _reference_grey(data, 224)
+    assert prepared.display is not None
+    worst = int(np.abs(prepared.display.astype(np.int32) - reference).max())
+    assert worst <= 1, f"{source}: the full-size grey differs by {worst} levels"
+    expected = np.asarray(Image.fromarray(reference).resize((224, 224), preprocessing._RESAMPLE[resize]))
+    assert int(np.abs(prepared.pixels[..., 0].astype(np.int32) - expected).max()) <= 1
+
+
+# --- libspng for plain RGB PNG ---------------------------------------------------------------------------------------
+
+
+def test_rgb_png_through_libspng_is_identical_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import decode_plan
+
+    if decode_plan.pyspng is None:
+        pytest.skip("pyspng is not installed")
+    grey = _realistic_grey(300, 400)
+    data = encode(Image.fromarray(np.dstack([grey, 255 - grey, grey // 2])))
+    with Image.open(io.BytesIO(data)) as img:
+        assert decode_plan.spng_decodes(img, data)
+    fast = prepare_image(data, display_max_side=512)
+    monkeypatch.setattr(preprocessing, "spng_decodes", lambda img, data: False)  # Pillow's own decode
+    pillow = prepare_image(data, display_max_side=512)
+    assert np.array_equal(fast.pixels, pillow.pixels)
+    assert np.array_equal(fast.display, pillow.display)  # type: ignore[arg-type]
+    assert fast.colourfulness == pillow.colourfulness
+    assert (fast.original_width, fast.original_height, fast.source_mode) == (300, 400, "RGB")
+
+
+@pytest.mark.parametrize("kind", ["exif", "text", "grey", "palette", "transparency"])
+def test_libspng_leaves_edge_cases_to_pillow(kind: str) -> None:
+    from service import decode_plan
+
+    rgb = noise("RGB", (40, 30))
+    params: dict[str, object] = {}
+    if kind == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        params["exif"] = exif.tobytes()
+    elif kind == "text":
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Raw profile type exif", "whatever")
+        params["pnginfo"] = info
+    elif kind == "transparency":
+        params["transparency"] = (0, 0, 0)
+    img = {"grey": rgb.convert("L"), "palette": rgb.convert("P")}.get(kind, rgb)
+    data = encode(img, "PNG", **params)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert not decode_plan.spng_decodes(opened, data)
+    if kind == "exif":  # and Pillow does apply the orientation
+        assert (prepare_image(data).original_width, prepare_image(data).original_height) == (30, 40)

@@ -16,6 +16,7 @@ from factories import build_tiny_bundle, encode_png, image_for_part
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import SecretStr, ValidationError
 
 from service.main import create_app
 from service.settings import Settings
@@ -89,8 +90,22 @@ def test_lists_and_the_key_come_from_the_environment(monkeypatch: pytest.MonkeyP
     assert settings_from_env.api_key is not None
     assert settings_from_env.api_key.get_secret_value() == KEY
     assert KEY not in repr(settings_from_env)  # never printed in logs or tracebacks
-    monkeypatch.setenv("BFD_API_KEY", "")
-    assert Settings().api_key is None
+    monkeypatch.delenv("BFD_API_KEY")
+    assert Settings().api_key is None  # unset: no key (the local demo)
+
+
+@pytest.mark.parametrize("empty", ["", "   ", "\t\n"])
+def test_an_empty_api_key_is_refused_not_taken_for_none(monkeypatch: pytest.MonkeyPatch, empty: str) -> None:
+    """An empty key used to turn authentication off without a word (a template's BFD_API_KEY="", a missing
+    secret): now the service refuses to start and says why."""
+    monkeypatch.setenv("BFD_API_KEY", empty)
+    with pytest.raises(ValidationError, match=r"api_key \(BFD_API_KEY\) must be a real key or unset"):
+        Settings()
+    monkeypatch.delenv("BFD_API_KEY")
+    with pytest.raises(ValidationError, match="must be a real key or unset"):
+        Settings(api_key=empty)
+    with pytest.raises(ValidationError, match="must be a real key or unset"):
+        Settings(api_key=SecretStr(empty))
 
 
 # --- fuzzing --------------------------------------------------------------------------------------------------

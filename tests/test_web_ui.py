@@ -3,6 +3,9 @@
 Debian's `chromium` driven by Playwright's Python package (`executable_path`: no browser download). Without
 either the test skips loudly, unless `BFD_REQUIRE_BROWSER=1` (CI), where it fails. Every run leaves a full-page
 screenshot in tests/artifacts/ (gitignored); docs/web-ui.png is one of them, copied by hand.
+
+Both the page and /docs run under their Content-Security-Policy: any violation the browser reports (in its
+console, or as a `securitypolicyviolation` event) fails the test, as does anything loaded from elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from factories import build_tiny_bundle
 from processes import bfd_serve
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, ConsoleMessage, Page
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,12 @@ FIRST = XRAY / "hand" / "fractured" / "fracatlas_IMG0003396.jpg"  # FracAtlas, C
 SECOND = XRAY / "hand" / "normal" / "fracatlas_IMG0001587.jpg"  # FracAtlas, CC BY 4.0
 ARTIFACTS = Path(__file__).parent / "artifacts"
 VERSION = "0.0.1-test"  # build_tiny_bundle's default
+# Runs before the page's own scripts (Playwright injects it outside the page's policy): every blocked load
+# or inline script/style the policy refuses reaches the console, where the test collects it.
+REPORT_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (e) => console.error(
+  `CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"} (${e.sourceFile}:${e.lineNumber})`));
+"""
 
 
 def _missing(reason: str) -> NoReturn:
@@ -72,6 +81,19 @@ def browser(chromium: str) -> Iterator[Browser]:
             browser.close()
 
 
+def _watch_policy(page: Page) -> list[str]:
+    """The policy violations the page reports, collected as they happen."""
+    violations: list[str] = []
+    page.add_init_script(REPORT_VIOLATIONS)
+
+    def seen(message: ConsoleMessage) -> None:
+        if "CSP violation" in message.text or "Content Security Policy" in message.text:
+            violations.append(message.text)
+
+    page.on("console", seen)
+    return violations
+
+
 def _drop_files(page: Page, selector: str, *paths: Path) -> None:
     """A real drop: a DataTransfer built in the page holding File objects, dispatched as a drop event."""
     files = [[p.name, base64.b64encode(p.read_bytes()).decode()] for p in paths]
@@ -100,8 +122,11 @@ def test_page_analyses_uploads_and_lists_history(browser: Browser, server: str, 
     page.on("pageerror", lambda error: script_errors.append(str(error)))
     # Works offline: everything the page loads is the service's own (or data:/blob: URLs it made).
     page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else foreign.append(r.url))
+    violations = _watch_policy(page)
     try:
-        page.goto(server)
+        response = page.goto(server)
+        assert response is not None
+        assert "script-src 'self'" in response.headers["content-security-policy"]
 
         # The header: disclaimer always visible, the model named, the untrained banner up.
         expect(page.get_by_test_id("disclaimer")).to_contain_text("Research use only")
@@ -202,6 +227,34 @@ def test_page_analyses_uploads_and_lists_history(browser: Browser, server: str, 
         page.close()
     assert not script_errors, f"script errors on the page: {script_errors}"
     assert not foreign, f"the page loaded something from elsewhere (it must work offline): {foreign}"
+    assert not violations, f"the page breaks its Content-Security-Policy {len(violations)} times: {violations[:3]}"
+
+
+def test_docs_render_offline_under_their_policy(browser: Browser, server: str) -> None:
+    """Swagger UI from the service's own files, its inline script allowed by hash: the operations show."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    script_errors: list[str] = []
+    foreign: list[str] = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else foreign.append(r.url))
+    violations = _watch_policy(page)
+    try:
+        response = page.goto(f"{server}/docs")
+        assert response is not None
+        assert "'sha256-" in response.headers["content-security-policy"]
+        expect(page.locator(".opblock-summary-path", has_text="/v1/predict").first).to_be_visible()
+        expect(page.locator(".opblock-summary-path", has_text="/api/analysis").first).to_be_visible()
+        expect(page.get_by_text("Unable to render this definition")).to_have_count(0)
+        page.locator(".opblock-summary-path", has_text="/v1/models").first.click()  # an operation opens
+        expect(page.get_by_role("button", name="Try it out").first).to_be_visible()
+        _screenshot(page, "docs.png")
+    finally:
+        page.close()
+    assert not script_errors, f"script errors on /docs: {script_errors}"
+    assert not foreign, f"/docs loaded something from elsewhere (it must work offline): {foreign}"
+    assert not violations, f"/docs breaks its Content-Security-Policy {len(violations)} times: {violations[:3]}"
 
 
 def _screenshot(page: Page, name: str) -> None:

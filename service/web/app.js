@@ -30,6 +30,8 @@ function h(tag, attrs = {}, ...children) {
     if (key === "class") node.className = value;
     else if (key === "dataset") Object.assign(node.dataset, value);
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    // Through the CSSOM: the Content-Security-Policy (style-src 'self') blocks style attributes set as markup.
+    else if (key === "style") node.style.cssText = String(value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
   for (const child of children.flat()) {
