@@ -79,7 +79,11 @@ def run_bundle(
         result["answer"] = asyncio.run(answer_of(server.url, bodies[0]))
         steps = []
         for concurrency in args.concurrency:
-            step = asyncio.run(closed_loop(server, bodies, concurrency, args.warmup_s, args.duration_s, True))
+            # Clients that honour Retry-After, as curl and any well-behaved client do: a client retrying a 503
+            # at once measures the cost of refusals, which the overload step measures anyway.
+            step = asyncio.run(
+                closed_loop(server, bodies, concurrency, args.warmup_s, args.duration_s, True, honour_retry_after=True)
+            )
             steps.append(step)
             print(
                 f"[{bundle.name} c{concurrency}] {step['throughput_img_s']:.1f} img/s, "

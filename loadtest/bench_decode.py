@@ -9,7 +9,7 @@ sizes, never upsampled: JPEG grey and RGB from 512 px to the largest source's ow
 JPEG-LS and JPEG 2000 lossless where the encoders are installed; JPEG lossless has no encoder here).
 
 Per image it reports the time of the codec the project decodes with (Pillow ``Image.open().load()`` with the
-project's JPEG draft; pyspng or Pillow for PNG, the other alongside; pydicom ``dcmread`` + ``pixel_array``
+project's JPEG draft; Pillow for PNG; pydicom ``dcmread`` + ``pixel_array``
 for DICOM), ``prepare_image``'s
 time (header plan, decode, grey, 8-bit scaling, resize to 224, replication) and their ratio. Times are the
 median of --repeats runs, codec and project alternating so both see the same machine state.
@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.decode_plan import pyspng, spng_decodes
 from service.preprocessing import prepare_image
 
 ATTRIBUTION = (
@@ -149,12 +148,7 @@ def _codecs(data: bytes, content_type: str, size: int = 224) -> dict[str, Callab
             img.load()
             return img.size
 
-    if content_type != PNG_TYPE or pyspng is None:
-        return {"pillow": pillow}
-    spng = {"pyspng": lambda: pyspng.load(data)}
-    with Image.open(io.BytesIO(data)) as img:
-        used_first = spng_decodes(img, data)
-    return {**spng, "pillow": pillow} if used_first else {"pillow": pillow, **spng}
+    return {"pillow": pillow}
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -199,7 +193,7 @@ def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
         "",
         f"Median of {repeats} runs each, codecs and project alternating, one process on {platform.machine()}.",
         "codec: what the project decodes with: Pillow `open().load()` with the project's JPEG draft; for PNG"
-        " pyspng (plain 8-bit RGB) or Pillow, the other one alongside; pydicom `dcmread` + `pixel_array` (first"
+        " Pillow; pydicom `dcmread` + `pixel_array` (first"
         " frame) for DICOM. project: `prepare_image` (plan, decode, grey, 8 bits, resize to 224x224, 3 channels).",
         "",
         "| image | bytes | codec | codec ms | project ms | ratio | overhead | other codec ms |",

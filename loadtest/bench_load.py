@@ -199,6 +199,7 @@ class Outcome:
     done: float
     status: str  # HTTP status, or 'transport:<exception>'
     retry_after: bool = False
+    retry_after_s: float | None = None  # the Retry-After header's value, when it had a number
 
     @property
     def latency_ms(self) -> float:
@@ -252,7 +253,9 @@ class Lanes:
             return Outcome(due, sent, time.perf_counter(), f"transport:{type(error).__name__}")
         finally:
             self.idle.put_nowait(client)
-        return Outcome(due, sent, time.perf_counter(), str(response.status_code), "retry-after" in response.headers)
+        retry = response.headers.get("retry-after")
+        seconds = float(retry) if retry is not None and retry.strip().isdigit() else None
+        return Outcome(due, sent, time.perf_counter(), str(response.status_code), retry is not None, seconds)
 
     async def _acquire(self) -> httpx.AsyncClient:
         if self.idle.empty() and self.created < self.cap:
@@ -377,9 +380,19 @@ def summarise(outcomes: Sequence[Outcome], seconds: float) -> Json:
 
 
 async def closed_loop(
-    server: Server, bodies: Sequence[Body], concurrency: int, warmup_s: float, duration_s: float, metrics: bool
+    server: Server,
+    bodies: Sequence[Body],
+    concurrency: int,
+    warmup_s: float,
+    duration_s: float,
+    metrics: bool,
+    honour_retry_after: bool = False,
 ) -> Json:
-    """`concurrency` clients each sending the next request as soon as the last came back."""
+    """`concurrency` clients each sending the next request as soon as the last came back.
+
+    With `honour_retry_after`, a client told 503 + Retry-After waits that long first, as a well-behaved
+    client does; otherwise it retries at once (the harshest client).
+    """
     lanes = Lanes(server.url, concurrency)
     outcomes: list[Outcome] = []
     start = time.perf_counter()
@@ -389,8 +402,11 @@ async def closed_loop(
     async def worker(offset: int) -> None:
         i = offset
         while time.perf_counter() < window_end:
-            outcomes.append(await lanes.post(bodies[i % len(bodies)], time.perf_counter()))
+            outcome = await lanes.post(bodies[i % len(bodies)], time.perf_counter())
+            outcomes.append(outcome)
             i += concurrency
+            if honour_retry_after and outcome.status == "503" and outcome.retry_after_s:
+                await asyncio.sleep(min(outcome.retry_after_s, max(0.0, window_end - time.perf_counter())))
 
     async def measure() -> Json:
         await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
@@ -408,6 +424,7 @@ async def closed_loop(
     return {
         "kind": "closed",
         "concurrency": concurrency,
+        "honour_retry_after": honour_retry_after,
         "warmup_s": warmup_s,
         **summarise(counted, duration_s),
         **resources,

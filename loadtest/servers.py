@@ -35,17 +35,33 @@ class Server:
         self.ps = psutil.Process(self.process.pid)
 
     def rss_mb(self) -> float:
+        """Resident memory of the server and its child processes (e.g. codec workers), in MiB."""
         try:
-            return self.ps.memory_info().rss / 2**20
+            processes = [self.ps, *self.ps.children(recursive=True)]
         except psutil.Error:
             return float("nan")
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:  # a child that just ended
+                continue
+        return total / 2**20
 
     def cpu_seconds(self) -> float:
+        """CPU seconds of the server and its live child processes."""
         try:
-            times = self.ps.cpu_times()
+            processes = [self.ps, *self.ps.children(recursive=True)]
         except psutil.Error:
             return float("nan")
-        return times.user + times.system
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
 
 
 def free_port() -> int:

@@ -16,17 +16,11 @@ from __future__ import annotations
 
 import io
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-
-try:  # libspng decodes RGB PNG about 1.6x as fast as Pillow (loadtest/bench_decode.py); optional
-    import pyspng
-except ImportError:  # pragma: no cover - installed with the service
-    pyspng = None
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +51,6 @@ PILLOW_BYTES_PER_PIXEL = {
     "F": 4 + 8 + 4 + 4 + 1,
 }
 TRANSPARENT_BYTES_PER_PIXEL = PILLOW_BYTES_PER_PIXEL["RGBA"] + 1  # "P" + transparency: index buffer first
-# pyspng's RGB array (3), Pillow's RGB copy of it (4), its grey (1).
-SPNG_RGB_BYTES_PER_PIXEL = 3 + 4 + 1
 
 
 class ImageError(ValueError):
@@ -166,8 +158,6 @@ def pillow_plan(img: Image.Image, data: bytes, *, size: int, display_max_side: i
         img.draft("L" if mode == "L" else "RGB", (2 * size, 2 * size))
     decoded_width, decoded_height = img.size
     per_pixel = PILLOW_BYTES_PER_PIXEL.get(img.mode, PILLOW_BYTES_PER_PIXEL["RGBA"])
-    if spng_decodes(img, data):
-        per_pixel = SPNG_RGB_BYTES_PER_PIXEL
     if mode == "P" and "transparency" in img.info:
         per_pixel = TRANSPARENT_BYTES_PER_PIXEL
     elif "A" in img.getbands():
@@ -194,39 +184,6 @@ def pillow_plan(img: Image.Image, data: bytes, *, size: int, display_max_side: i
         decoded_height=decoded_height,
         mode=mode,
     )
-
-
-def spng_decodes(img: Image.Image, data: bytes) -> bool:
-    """Whether the PNG is one libspng decodes faster than Pillow with the same pixels: plain 8-bit RGB.
-
-    Grey PNG decodes as fast in Pillow (measured); palette and transparency need Pillow's conversions; EXIF
-    orientation (an eXIf chunk, or ImageMagick's "Raw profile type exif" in a text chunk, anywhere in the
-    file) needs Pillow's transpose; pyspng 0.1 returns 16-bit data with an added alpha channel, so 16-bit
-    stays with Pillow too.
-    """
-    return (
-        pyspng is not None
-        and img.format == "PNG"
-        and img.mode == "RGB"
-        and "transparency" not in img.info
-        and png_bit_depth(data) == 8
-        and not png_chunk_types(data) & {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tRNS"}
-    )
-
-
-def png_chunk_types(data: bytes) -> set[bytes]:
-    """The chunk types of a PNG, walking the chunk headers only (a few hundred steps for a large file)."""
-    types, offset = set(), 8
-    while offset + 8 <= len(data):
-        (length,) = struct.unpack_from(">I", data, offset)
-        types.add(bytes(data[offset + 4 : offset + 8]))
-        offset += 12 + length
-    return types
-
-
-def png_bit_depth(data: bytes) -> int:
-    """The IHDR bit depth of a PNG (byte 24: signature 8, chunk length 4, type 4, width 4, height 4)."""
-    return data[24] if len(data) > 24 else 0
 
 
 def open_image(data: bytes) -> Image.Image:

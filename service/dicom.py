@@ -37,6 +37,7 @@ import logging
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -528,9 +529,14 @@ def decode_cost(header: DicomHeader, display_max_side: int | None = None) -> int
 # --- 3. decode and render ------------------------------------------------------------------------------------------
 
 
-def render_dicom(header: DicomHeader) -> DicomImage:
-    """Decode the first frame and render it as (H, W) uint8 grey, bone bright."""
-    array, photometric = _decode_first_frame(header)
+def render_dicom(
+    header: DicomHeader, decode: Callable[[DicomHeader], tuple[np.ndarray, str]] | None = None
+) -> DicomImage:
+    """Decode the first frame (with `decode`, default `decode_first_frame`) and render it: (H, W) uint8 grey.
+
+    `decode` lets the caller run the codec elsewhere (`service.codec_pool`: in a worker process).
+    """
+    array, photometric = (decode or decode_first_frame)(header)
     dataset = header.dataset
     try:
         if header.photometric == PALETTE:
@@ -559,7 +565,7 @@ def render_dicom(header: DicomHeader) -> DicomImage:
     )
 
 
-def _decode_first_frame(header: DicomHeader) -> tuple[np.ndarray, str]:
+def decode_first_frame(header: DicomHeader) -> tuple[np.ndarray, str]:
     """The first frame as pydicom's decoders give it (RGB where they convert YCbCr) and its photometric.
 
     Only the first frame is decoded: max_pixels and the decode budget bound one frame, and decoding every

@@ -27,6 +27,7 @@ import numpy as np
 from service.answers import AbstentionPolicy, PartSource, image_prediction, study_answer, study_part
 from service.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError, Ticket
 from service.bundle import Bundle
+from service.codec_pool import CodecPool
 from service.dicom import body_part_from_dicom
 from service.dicom_output import secondary_capture
 from service.engine import Engine
@@ -108,6 +109,8 @@ class Predictor:
         # Work enters the pool only through these slots, so nothing ever waits inside the executor's own
         # (unbounded, uncancellable once running) queue: a cancelled request leaves before it costs anything.
         self._decode_slots = asyncio.Semaphore(decode_threads)
+        processes = settings.resolved_decode_processes()
+        self.codec_pool = CodecPool(processes) if processes else None
         self.decode_memory = ByteBudget(settings.decode_memory_budget_bytes, "decode memory budget")
         self.request_memory = ByteBudget(settings.request_memory_budget_bytes, "request memory budget")
         self.batcher: DynamicBatcher[_Item, _Answer] = DynamicBatcher(
@@ -148,6 +151,8 @@ class Predictor:
         """Drain: everything admitted is answered, then the threads stop."""
         await self.batcher.stop(drain=True, timeout_s=timeout_s)
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        if self.codec_pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.codec_pool.close)
 
     # -- the work --------------------------------------------------------------------------------------------
     def check_capacity(self, count: int = 1) -> None:
@@ -333,6 +338,7 @@ class Predictor:
         settings = self.settings
         display_side = settings.heatmap_max_side if upload.heatmap else None
         decoding = False  # set by the decode thread itself: a decode cancelled before it ran was skipped
+        pool = self.codec_pool
 
         def decode(plan: DecodePlan) -> PreparedImage:
             nonlocal decoding
@@ -346,6 +352,7 @@ class Predictor:
                 dicom=upload.dicom,
                 max_decode_bytes=settings.max_image_decode_bytes,
                 plan=plan,
+                frame_decoder=None if pool is None else pool.frame_decoder(upload.data, upload.dicom),
             )
 
         try:
@@ -359,7 +366,7 @@ class Predictor:
                     display_max_side=display_side,
                 )
             )
-            async with self.decode_memory.hold(plan.working_bytes):
+            async with self.decode_memory.hold(self._decode_bytes(plan)):
                 return await self._in_pool(lambda: decode(plan))
         except ImageError as error:
             raise from_image_error(error, upload.name) from error
@@ -367,6 +374,14 @@ class Predictor:
             if not decoding:
                 self.metrics.decodes_skipped.inc()
             raise
+
+    def _decode_bytes(self, plan: DecodePlan) -> int:
+        """The plan's working memory, plus the frame's trip back from a codec worker (pickled, then unpickled)."""
+        header = plan.dicom
+        if self.codec_pool is None or header is None or not header.encapsulated:
+            return plan.working_bytes
+        frame = header.rows * header.columns * header.samples * header.bytes_per_sample
+        return min(plan.working_bytes + 2 * frame, self.decode_memory.total)
 
     async def _in_pool(self, work: Callable[[], T]) -> T:
         """Run `work` in the decode pool once a slot is free; its slot (and whatever memory the caller holds)

@@ -17,13 +17,17 @@ Contract (every model input in this project goes through :func:`prepare_image`):
 * The 'caffe' normalisation (RGB->BGR, mean subtraction) is NOT done here: it lives inside the ONNX graph
   and the Keras model's first layer. This module only moves bytes.
 
-Only numpy, Pillow, pyspng (plain RGB PNG, when installed; the same pixels, faster) and (for DICOM) pydicom are
-used, so training code can import it without the serving stack.
+Only numpy, Pillow and (for DICOM) pydicom are used, so training code can import it without the serving stack.
+Every codec used in a thread here releases the GIL while it decodes (Pillow; numpy), so decode threads never
+stall the event loop; compressed DICOM frames, whose codecs hold the GIL, can be decoded in worker processes
+(`frame_decoder`, see `service.codec_pool`). libspng (pyspng) was measured faster than Pillow on RGB PNG but
+holds the GIL (a 262 ms event-loop stall on one 2000x2500 PNG against 14 ms for Pillow), so it is not used.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +46,10 @@ from service.decode_plan import (
     check_limits,
     open_image,
     pillow_plan,
-    pyspng,
-    spng_decodes,
 )
 from service.dicom import (
     DicomError,
+    DicomHeader,
     DicomImage,
     check_pixel_data,
     decode_cost,
@@ -70,6 +73,7 @@ __all__ = [
 ]
 
 ResizeMethod = Literal["bilinear", "nearest"]
+FrameDecoder = Callable[[DicomHeader], tuple[np.ndarray, str]]  # a DICOM header -> its first frame, photometric
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
@@ -142,6 +146,7 @@ def prepare_image(
     dicom: bool = False,
     max_decode_bytes: int | None = None,
     plan: DecodePlan | None = None,
+    frame_decoder: FrameDecoder | None = None,
 ) -> PreparedImage:
     """Decode PNG/JPEG/DICOM bytes into the model input contract described in the module docstring.
 
@@ -149,8 +154,8 @@ def prepare_image(
     overlays are drawn on it). `dicom=True` parses the bytes as DICOM even without the Part 10 preamble
     (some senders strip it; the client said `application/dicom`). `plan` (from :func:`plan_decode` on the
     same bytes, e.g. made by admission control) is reused instead of reading the header again; the limits
-    are checked either way. Raises an :class:`ImageError` subclass for any bad input; never lets a Pillow
-    or pydicom exception escape.
+    are checked either way. `frame_decoder` decodes a DICOM frame elsewhere (the service's codec pool).
+    Raises an :class:`ImageError` subclass for any bad input; never lets a Pillow or pydicom exception escape.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -167,7 +172,7 @@ def prepare_image(
         )
     if plan is not None and plan.format == "DICOM":
         check_limits(plan, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
-        return _prepare_dicom(plan, size, resize, display_max_side)
+        return _prepare_dicom(plan, size, resize, display_max_side, frame_decoder)
 
     with open_image(data) as img:
         # The header is planned on the very image decoded below (one open); planning applies the JPEG draft.
@@ -176,18 +181,15 @@ def prepare_image(
         width, height = own_plan.width, own_plan.height
         source_mode = own_plan.mode
         fmt = img.format or "image"
-        if spng_decodes(img, data):
-            grey, colourfulness = _spng_rgb_to_grey(data)
-        else:
-            try:
-                img.load()
-                loaded_size = img.size
-                ImageOps.exif_transpose(img, in_place=True)
-            except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
-                raise UndecodableImageError(f"could not decode {fmt} data: {exc}") from exc
-            if img.size != loaded_size:  # orientation 5..8 swapped the axes
-                width, height = height, width
-            grey, colourfulness = _to_grey(img)
+        try:
+            img.load()
+            loaded_size = img.size
+            ImageOps.exif_transpose(img, in_place=True)
+        except (*DECODE_ERRORS, Image.DecompressionBombError) as exc:
+            raise UndecodableImageError(f"could not decode {fmt} data: {exc}") from exc
+        if img.size != loaded_size:  # orientation 5..8 swapped the axes
+            width, height = height, width
+        grey, colourfulness = _to_grey(img)
 
     return PreparedImage(
         pixels=_model_input(grey, size, resize),
@@ -199,9 +201,11 @@ def prepare_image(
     )
 
 
-def _prepare_dicom(plan: DecodePlan, size: int, resize: ResizeMethod, display_max_side: int | None) -> PreparedImage:
+def _prepare_dicom(
+    plan: DecodePlan, size: int, resize: ResizeMethod, display_max_side: int | None, decode: FrameDecoder | None
+) -> PreparedImage:
     try:
-        decoded = render_dicom(plan.dicom)
+        decoded = render_dicom(plan.dicom, decode)
     except DicomError as error:
         raise _DICOM_ERRORS.get(error.status, UndecodableImageError)(error.reason) from error
     grey = Image.fromarray(decoded.pixels)  # mode L, sharing the array's memory
@@ -244,18 +248,6 @@ def prepare_image_file(
     return prepare_image(
         data, size=size, resize=resize, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes, dicom=dicom
     )
-
-
-def _spng_rgb_to_grey(data: bytes) -> tuple[Image.Image, float]:
-    """An 8-bit RGB PNG decoded by libspng, then reduced exactly as Pillow's own decode would be (spng_decodes)."""
-    try:
-        rgb = pyspng.load(data)
-    except Exception as exc:  # libspng reports corrupt or truncated data as RuntimeError
-        raise UndecodableImageError(f"could not decode PNG data: {exc}") from exc
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise UndecodableImageError(f"could not decode PNG data: libspng gave {rgb.dtype} {rgb.shape} for RGB")
-    image = Image.fromarray(rgb)
-    return image.convert("L"), _colourfulness(image)
 
 
 def _to_grey(img: Image.Image) -> tuple[Image.Image, float]:

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads (default: all cores)")
     decode_threads: int | None = Field(None, ge=1, description="decode pool size (default: all cores)")
+    decode_processes: int | None = Field(
+        None,
+        ge=0,
+        description="worker processes for compressed DICOM codecs, which hold the GIL (default: as decode_threads; "
+        "0: decode them in the decode threads)",
+    )
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
     max_batch_size: int = Field(16, ge=1, le=256)
     max_wait_ms: float = Field(0.0, ge=0.0, description="extra wait to fill a batch (accelerators); 0 on CPU")
@@ -139,6 +145,9 @@ class Settings(BaseSettings):
 
     def resolved_intra_op_threads(self) -> int:
         return self.intra_op_threads or default_intra_op_threads()
+
+    def resolved_decode_processes(self) -> int:
+        return self.resolved_decode_threads() if self.decode_processes is None else self.decode_processes
 
     def resolved_decode_threads(self) -> int:
         # Decoding (Pillow releases the GIL) and inference share the cores: the decode pool is as wide as

@@ -439,7 +439,7 @@ def hostile_cases() -> list[HostileCase]:
             "49 Mpx, under the pixel limit, over the decode budget",
         ),
         HostileCase("png-truncated", _png(_noise(256))[:-2000], PNG, f422),
-        HostileCase("png-rgb-truncated", _png(_noise(256).convert("RGB"))[:-2000], PNG, f422, "libspng's path"),
+        HostileCase("png-rgb-truncated", _png(_noise(256).convert("RGB"))[:-2000], PNG, f422, "RGB PNG"),
         HostileCase("png-zero-bytes", b"", PNG, f422),
         HostileCase("png-random-bytes", _random(4096, seed=1), PNG, f422),
         HostileCase("png-signature-only", b"\x89PNG\r\n\x1a\n", PNG, f422),

@@ -10,6 +10,7 @@ plus a stated margin for the interpreter and allocator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import httpx
@@ -32,11 +33,18 @@ MARGIN_BYTES = 150 * MB  # interpreter, allocator slack and the answers themselv
 
 
 def _peak_rss_bytes(pid: int) -> int:
-    """VmHWM: the most resident memory the process ever had (Linux), so a short spike cannot slip by."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return int(psutil.Process(pid).memory_info().rss)
+    """The server's peak resident memory with its codec workers': each process's VmHWM (Linux), summed.
+
+    VmHWM is the most a process ever had resident, so a short spike cannot slip by; summing the workers' is
+    an upper bound on what the server and its workers held at once.
+    """
+    total = 0
+    for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with contextlib.suppress(OSError, psutil.Error):
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
 async def _send(client: httpx.AsyncClient, case: HostileCase) -> httpx.Response:
