@@ -26,6 +26,9 @@ WORKDIR /src
 # Only what `pip install .` needs (the desktop client and the tests stay out of the server image).
 COPY pyproject.toml README.md ./
 COPY bfd/ bfd/
+COPY inference/ inference/
+COPY clients/ clients/
+COPY dicom_node/ dicom_node/
 COPY service/ service/
 COPY export/ export/
 COPY training/ training/

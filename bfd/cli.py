@@ -16,7 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = {
     "export": ("export.cli", "convert Keras models into a verified ONNX bundle"),
     "serve": ("service.cli", "run the HTTP service on a bundle"),
-    "predict": ("service.predict_cli", "predict images in-process on a bundle, or against a server"),
+    "predict": ("clients.predict_cli", "predict images in-process on a bundle, or against a server"),
     "train": ("training.train_cli", "train the router and the fracture specialists on MURA"),
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on the test split with clinical metrics"),
     "make-synthetic": ("training.synthetic_cli", "write a small synthetic dataset in MURA's layout (tests, demos)"),

@@ -26,7 +26,7 @@ from PIL import Image
 
 from desktop.client import ClientError, PredictionClient
 from desktop.report import PreviewError, describe, fit, load_image, overlay_image, save_report
-from service.schemas import DISCLAIMER
+from inference.results import DISCLAIMER
 
 log = logging.getLogger(__name__)
 
@@ -391,5 +391,7 @@ class DesktopApp:
 def _reason(error: BaseException) -> str:
     """A sentence for the window: the server's detail, else the exception's message."""
     if isinstance(error, ClientError):
-        return f"{error.detail} (HTTP {error.status})" if error.status else error.detail
+        if error.status:
+            return f"{error.detail} (HTTP {error.status})"
+        return f"{error.detail} ({error.kind})" if error.kind else error.detail
     return f"{type(error).__name__}: {error}"

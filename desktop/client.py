@@ -1,23 +1,28 @@
-"""How the desktop gets an answer: over HTTP from a running server, or from the real service run in-process.
+"""How the desktop gets an answer: over HTTP from a running server, or from the core run in-process.
 
-Both send the same request (POST /v1/predict, multipart field `file`, `?heatmap=true`) and return the one
-ImagePrediction JSON object (see service/schemas.py), so the window cannot tell them apart. A refusal of the
-server (4xx/5xx) becomes a `ClientError` carrying the server's own `detail`, for the window to show.
+Over HTTP it sends POST /v1/predict (multipart field `file`, `?heatmap=true`); in-process it calls the core's
+Predictor directly (`inference.runner`), without a web server. Both return the one ImagePrediction JSON object
+(`inference.results`), so the window cannot tell them apart. A refusal (the server's 4xx/5xx, or the core's
+error in-process, with no HTTP status) becomes a `ClientError` carrying the reason, for the window to show.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import re
 import threading
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 
 import httpx
 
-from service.errors import reason_of
+from clients.http import reason_of
+from inference.batching import BatcherClosedError, QueueFullError
+from inference.config import PredictorConfig
+from inference.errors import InferenceError
+from inference.runner import LocalPredictor
 
 PREDICT_PATH = "/v1/predict"
+DICOM = "application/dicom"
 _MEDIA_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -30,10 +35,11 @@ _MEDIA_TYPES = {
 class ClientError(Exception):
     """The answer could not be had; `detail` is the reason to show (the server's own when it gave one)."""
 
-    def __init__(self, detail: str, status: int = 0) -> None:
+    def __init__(self, detail: str, status: int = 0, kind: str | None = None) -> None:
         super().__init__(f"{status}: {detail}" if status else detail)
         self.detail = detail
-        self.status = status  # 0: no HTTP answer at all (unreadable file, server unreachable)
+        self.status = status  # 0: no HTTP answer at all (in-process, unreadable file, server unreachable)
+        self.kind = kind  # in-process: what the core refused it as, e.g. "undecodable image"
 
 
 @runtime_checkable
@@ -43,6 +49,12 @@ class PredictionClient(Protocol):
     def predict(self, path: Path, heatmap: bool = True) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+def _kind(error: BaseException) -> str:
+    """The core's error class in words: UndecodableImageError -> "undecodable image"."""
+    words = re.sub(r"(?<!^)(?=[A-Z])", " ", type(error).__name__.removesuffix("Error")).lower()
+    return words or "error"
 
 
 def media_type(path: Path) -> str:
@@ -115,58 +127,36 @@ class HttpClient(_OneRequestAtATime):
         return f"HttpClient({self.url!r})"
 
 
-class InProcessClient(_OneRequestAtATime):
-    """The real service (create_app, its lifespan, batcher and routes) run in this process on `bundle`.
+class InProcessClient:
+    """The core's Predictor run in this process on `bundle` (`inference.runner.LocalPredictor`): no server."""
 
-    The app's lifespan opens a results store; /v1/predict never writes to it, so unless the caller or
-    BFD_DATABASE_URL names one, it is a throwaway SQLite file removed on `close()` rather than a file
-    left in the working directory.
-    """
-
-    def __init__(self, bundle: Path, **settings: Any) -> None:
-        import os
-
-        from fastapi.testclient import TestClient
-
-        from service.main import create_app
-        from service.settings import Settings
-
-        super().__init__()
+    def __init__(self, bundle: Path, config: PredictorConfig | None = None) -> None:
         self.bundle = Path(bundle)
-        self._scratch: str | None = None
-        if "database_url" not in settings and not os.environ.get("BFD_DATABASE_URL"):
-            self._scratch = tempfile.mkdtemp(prefix="bfd-desktop-")
-            settings["database_url"] = f"sqlite+aiosqlite:///{self._scratch}/results.sqlite3"
-        self._closed = False
-        resolved = Settings(bundle=self.bundle, **settings)
-        # A BFD_API_KEY in the environment guards this app too: send it, as a remote client would.
-        key = resolved.api_key.get_secret_value() if resolved.api_key else None
-        self._client = TestClient(
-            create_app(resolved), raise_server_exceptions=False, headers={"X-API-Key": key} if key else None
-        )
-        try:
-            self._client.__enter__()  # runs the lifespan: the bundle is loaded and warmed up here
-        except BaseException:
-            self._remove_scratch()
-            raise
+        self._lock = threading.Lock()
+        self._predictor = LocalPredictor(self.bundle, config)
+
+    def predict(self, path: Path, heatmap: bool = True) -> dict[str, Any]:
+        path = Path(path)
+        data = _read(path)
+        with self._lock:
+            try:
+                answer = self._predictor.predict(data, path.name, heatmap=heatmap, dicom=media_type(path) == DICOM)
+            except (InferenceError, QueueFullError, BatcherClosedError) as error:
+                raise ClientError(getattr(error, "reason", str(error)), kind=_kind(error)) from error
+        return answer.model_dump(mode="json")
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._client.__exit__(None, None, None)
-        finally:
-            self._remove_scratch()
+        self._predictor.close()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._predictor.closed
 
-    def _remove_scratch(self) -> None:
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"InProcessClient({str(self.bundle)!r})"

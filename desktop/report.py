@@ -1,7 +1,8 @@
 """What a prediction says, in words and as a PNG: the text lines the window shows and the report it saves.
 
-One place turns the ImagePrediction JSON into sentences (`describe`), so the window and the report can never
-disagree; `render_report` draws the heatmap overlay (or the image) above those sentences and the disclaimer.
+The sentences are the core's summary carried in every answer (`describe` only lays them out), so the window,
+the report, the web page and the DICOM outputs can never disagree; `render_report` draws the heatmap overlay
+(or the image) above those sentences and the disclaimer.
 Also loads any input the window previews (PNG, JPEG, DICOM) as a Pillow image.
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
-from service.schemas import DISCLAIMER
+from inference.answers import UNTRAINED_BANNER
+from inference.results import DISCLAIMER, UNTRAINED_WARNING
 
-UNTRAINED_BANNER = "UNTRAINED MODEL — meaningless: this bundle was not trained on real data; do not use its answers."
 REPORT_WIDTH = 760
 PICTURE_BOX = 640  # the picture is scaled to fit this square: small inputs grow, large ones shrink
 MARGIN = 24
@@ -55,62 +56,20 @@ class Description:
         return [*head, *body, *(f"Warning: {w}" for w in self.warnings)]
 
 
-def _p(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "n/a"
-
-
-def _flag(value: object) -> str:
-    return "unknown" if value is None else ("yes" if value else "no")
-
-
 def describe(prediction: Mapping[str, Any]) -> Description:
-    """The sentences of one ImagePrediction (see service/schemas.py)."""
-    part = prediction.get("body_part") or {}
-    fracture = prediction.get("fracture") or {}
-    model = prediction.get("model") or {}
-    source = part.get("source", "router")
-    body = f"Body part: {part.get('label', '?')}"
-    if part.get("probability") is not None:
-        body += f" (router p = {_p(part['probability'])})"
-    if source != "router":
-        body += f", from the {'DICOM header' if source == 'dicom' else 'client'}"
-        if part.get("router_label"):
-            body += f"; the router said {part['router_label']}"
-    probability, threshold = fracture.get("probability"), fracture.get("threshold")
-    above = isinstance(probability, int | float) and isinstance(threshold, int | float) and probability >= threshold
-    label = str(fracture.get("label", "?"))
-    fracture_text = (
-        f"Fracture: {label.upper() if label == 'fractured' else label} — "
-        f"P(fractured) = {_p(probability)} {'≥' if above else '<'} threshold {_p(threshold)}"
-    )
-    probabilities = part.get("probabilities") or {}
-    probabilities_text = "Router probabilities: " + (
-        ", ".join(f"{name} {_p(p)}" for name, p in sorted(probabilities.items(), key=lambda kv: -kv[1]))
-        if probabilities
-        else "not computed"
-    )
-    flags = (
-        f"Flags: suspicious (high-sensitivity point): {_flag(fracture.get('suspicious'))}; "
-        f"definite (high-specificity point): {_flag(fracture.get('definite'))}"
-    )
-    if prediction.get("abstained"):
-        abstention = f"ABSTAINED: {prediction.get('abstention_reason') or 'no reason given'} — do not use the label"
-    else:
-        abstention = "Abstained: no"
-    trained = bool(model.get("trained", False))
-    model_text = (
-        f"Model: {model.get('name', '?')} {model.get('version', '?')} "
-        f"({model.get('graph', '?')}, {model.get('precision', '?')}, {'trained' if trained else 'untrained'})"
-    )
-    warnings = [w for w in prediction.get("warnings") or [] if not (not trained and w.startswith("UNTRAINED"))]
+    """The sentences of one ImagePrediction: the core's own summary (`inference.answers.summarise`), which the
+    web page and the DICOM outputs show too; whether the model is untrained comes from `model.trained`."""
+    summary = prediction.get("summary") or {}
+    trained = bool((prediction.get("model") or {}).get("trained", False))
+    warnings = [w for w in prediction.get("warnings") or [] if trained or w != UNTRAINED_WARNING]
     return Description(
-        body_part=body,
-        fracture=fracture_text,
-        probabilities=probabilities_text,
-        flags=flags,
-        abstention=abstention,
-        model=model_text,
-        untrained=None if trained else UNTRAINED_BANNER,
+        body_part=str(summary.get("body_part", "")),
+        fracture=str(summary.get("fracture", "")),
+        probabilities=str(summary.get("probabilities", "")),
+        flags=str(summary.get("flags", "")),
+        abstention=str(summary.get("abstention", "")),
+        model=str(summary.get("model", "")),
+        untrained=None if trained else str(summary.get("untrained") or UNTRAINED_BANNER),
         disclaimer=str(prediction.get("disclaimer") or DISCLAIMER),
         warnings=warnings,
     )
@@ -123,14 +82,19 @@ def load_image(path: Path) -> Image.Image:
         data = Path(path).read_bytes()
     except OSError as error:
         raise PreviewError(f"cannot read {path}: {error.strerror or error}") from error
-    from service.dicom import looks_like_dicom
+    from inference.dicom_header import looks_like_dicom
 
     if looks_like_dicom(data) or Path(path).suffix.lower() in {".dcm", ".dicom"}:
-        from service.dicom import DicomError, read_dicom
+        from inference.config import PredictorConfig
+        from inference.dicom import read_dicom
+        from inference.errors import ImageError
 
+        budget = PredictorConfig().max_image_decode_bytes  # the service's own per-image limit
         try:
-            return Image.fromarray(read_dicom(data, max_pixels=PREVIEW_MAX_PIXELS).pixels).convert("RGB")
-        except DicomError as error:
+            return Image.fromarray(
+                read_dicom(data, max_pixels=PREVIEW_MAX_PIXELS, max_decode_bytes=budget).pixels
+            ).convert("RGB")
+        except ImageError as error:
             raise PreviewError(error.reason) from error
     try:
         with Image.open(io.BytesIO(data)) as image:

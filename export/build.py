@@ -29,7 +29,7 @@ from export.graphs import (
 )
 from export.quantize import measure_agreement, quantize_graph, split_calibration
 from export.sources import ModelSet, backbones_identical
-from service.bundle import (
+from inference.bundle import (
     FileEntry,
     FusedGraph,
     InputContract,
@@ -44,7 +44,7 @@ from service.bundle import (
     load_bundle,
     write_manifest,
 )
-from service.preprocessing import prepare_image_file
+from inference.preprocessing import prepare_image_file
 from training.architecture import head_dense_weights
 
 log = logging.getLogger(__name__)

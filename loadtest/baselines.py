@@ -6,7 +6,7 @@
 
 This module owns the two strawmen, so that `loadtest.bench_load` measures what our batching service buys
 against what people actually write, with everything but the inference style held equal: the same
-`service.preprocessing.prepare_image`, the same route (`POST /v1/predict`, multipart field `file`) and the
+`inference.preprocessing.prepare_image`, the same route (`POST /v1/predict`, multipart field `file`) and the
 same answer fields (`predictions[0].body_part.label`, `predictions[0].fracture.probability`).
 
 - naive: what a user writes by hand around the bundle's graphs: a plain sync FastAPI endpoint (FastAPI runs
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, UploadFile
 
-from service.bundle import BundleError, Manifest, SplitGraph, load_bundle, read_manifest
-from service.preprocessing import ImageError, prepare_image
+from inference.bundle import BundleError, Manifest, SplitGraph, load_bundle, read_manifest
+from inference.preprocessing import ImageError, prepare_image
 
 log = logging.getLogger("loadtest.baselines")
 
@@ -93,7 +93,7 @@ def _read_upload(file: UploadFile, resize: str) -> np.ndarray:
     try:
         prepared = prepare_image(data, resize=resize)  # type: ignore[arg-type]
     except ImageError as error:
-        raise HTTPException(error.status, error.reason) from error
+        raise HTTPException(422, error.reason) from error  # a naive endpoint does not tell kinds apart
     return prepared.pixels[None]
 
 

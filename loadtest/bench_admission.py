@@ -32,19 +32,11 @@ from typing import Any
 
 import httpx
 
-from loadtest.bench_decode import realistic_image_set
-from loadtest.bench_load import (
-    ATTRIBUTION,
-    AUTH,
-    PREDICT,
-    Body,
-    answer_of,
-    closed_loop,
-    machine_description,
-    open_loop,
-)
+from inference.bundle import read_manifest
+from loadtest.drivers import Body, answer_of, auth_headers, closed_loop, encode_bodies, open_loop
+from loadtest.images import ATTRIBUTION, realistic_image_set
+from loadtest.machine import machine_description
 from loadtest.servers import Server, start_server, stop_server
-from service.bundle import read_manifest
 
 Json = dict[str, Any]
 TARGETS = {
@@ -54,18 +46,9 @@ TARGETS = {
 }
 
 
-def encode_bodies(images: Sequence[tuple[str, bytes, str]]) -> list[Body]:
-    """Each image as a one-file multipart upload with its own media type, encoded once."""
-    bodies = []
-    for name, data, media_type in images:
-        request = httpx.Request("POST", "http://x" + PREDICT, files={"file": (name, data, media_type)})
-        bodies.append(Body(name, request.read(), request.headers["content-type"]))
-    return bodies
-
-
 def memory_bound_mb(server: Server) -> float:
     """The memory the service promises to stay within on top of its idle RSS: its two budgets (/v1/models)."""
-    batching = httpx.get(server.url + "/v1/models", headers=AUTH, timeout=10).json()["batching"]
+    batching = httpx.get(server.url + "/v1/models", headers=auth_headers(), timeout=10).json()["batching"]
     return float(batching["request_memory_budget_bytes"] + batching["decode_memory_budget_bytes"]) / 2**20
 
 

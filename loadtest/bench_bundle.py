@@ -2,26 +2,25 @@
 
     python -m loadtest.bench_bundle --bundle models/demo --bundle models/demo-int8 --images tests/data/xray
 
-Images are prepared once (decode is not timed here: this measures the graphs). Writes JSON and Markdown.
+Images are prepared once (decode is not timed here: this measures the graphs). Label agreement is the one
+definition the export gate uses too (`inference.agreement`). Writes JSON and Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.bundle import load_bundle
-from service.engine import Engine
-from service.pipeline import predict_batch
-from service.preprocessing import prepare_image_file
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+from inference.agreement import label_agreement
+from inference.bundle import load_bundle
+from inference.engine import Engine
+from inference.pipeline import ItemPrediction, predict_batch
+from loadtest.images import model_inputs
 
 
 def measure(engine: Engine, images: np.ndarray, batch_size: int, seconds: float) -> float:
@@ -48,19 +47,18 @@ def main() -> None:
     args = parser.parse_args()
 
     bundles = [load_bundle(path) for path in args.bundle]
-    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    resize = bundles[0].manifest.input.resize
-    images = np.stack([prepare_image_file(p, resize=resize).pixels for p in paths])
+    images = model_inputs(args.images, bundles[0].manifest.input.resize)
     results: dict[str, dict[str, Any]] = {}
+    answers: dict[str, list[ItemPrediction]] = {}
     for bundle in bundles:
         engine = Engine(bundle, providers=["cpu"])
         rates = {b: measure(engine, images, b, args.seconds) for b in args.batch_sizes}
-        answers = predict_batch(engine, images)
+        answers[str(bundle.root)] = predict_batch(engine, images)
         results[str(bundle.root)] = {
             "precision": bundle.manifest.precision,
             "graph": bundle.manifest.graph.form,
             "images_per_second": rates,
-            "answers": [(a.body_part, a.p_fractured) for a in answers],
+            "answers": [(a.body_part, a.p_fractured) for a in answers[str(bundle.root)]],
         }
     base_key = str(bundles[0].root)
     base = results[base_key]
@@ -72,11 +70,9 @@ def main() -> None:
     ]
     for key, result in results.items():
         best = max(result["images_per_second"].values()) / max(base["images_per_second"].values())
-        same = statistics.mean(
-            a[0] == b[0] and (a[1] >= 0.5) == (b[1] >= 0.5)
-            for a, b in zip(result["answers"], base["answers"], strict=True)
-        )
-        max_diff = max(abs(a[1] - b[1]) for a, b in zip(result["answers"], base["answers"], strict=True))
+        # The first bundle's thresholds decide "fractured" for both (inference.agreement: one definition).
+        agreement = label_agreement(answers[base_key], answers[key], bundles[0].manifest.thresholds)
+        same, max_diff = agreement.label_agreement, agreement.max_probability_diff
         result["speedup_vs_first"] = best
         result["agreement_vs_first"] = same
         result["max_p_fractured_diff_vs_first"] = max_diff

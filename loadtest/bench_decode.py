@@ -2,15 +2,14 @@
 
     python -m loadtest.bench_decode --images tests/data/xray --out loadtest/results
 
-The image set (`realistic_image_set`, reused by the load benchmark) is built from the FracAtlas radiographs
-in --images (CC BY 4.0, attribution in tests/data/xray/README.md and in the output) at real radiograph
-sizes, never upsampled: JPEG grey and RGB from 512 px to the largest source's own 2304x2880, 8-bit and
-16-bit (12-bit content) PNG at 2000x2500, and DICOM at 2000x2500 (12-bit and 16-bit uncompressed; RLE,
-JPEG-LS and JPEG 2000 lossless where the encoders are installed; JPEG lossless has no encoder here).
+The image set (`loadtest.images.realistic_image_set`, also the admission benchmark's) is built from the
+FracAtlas radiographs in --images (CC BY 4.0, attribution in tests/data/xray/README.md and in the output) at
+real radiograph sizes, never upsampled: JPEG grey and RGB from 512 px to the largest source's own 2304x2880,
+8-bit and 16-bit (12-bit content) PNG at 2000x2500, and DICOM at 2000x2500 (12-bit and 16-bit uncompressed;
+RLE, JPEG-LS and JPEG 2000 lossless where the encoders are installed; JPEG lossless has no encoder here).
 
 Per image it reports the time of the codec the project decodes with (Pillow ``Image.open().load()`` with the
-project's JPEG draft; Pillow for PNG; pydicom ``dcmread`` + ``pixel_array``
-for DICOM), ``prepare_image``'s
+project's JPEG draft; Pillow for PNG; pydicom ``dcmread`` + ``pixel_array`` for DICOM), ``prepare_image``'s
 time (header plan, decode, grey, 8-bit scaling, resize to 224, replication) and their ratio. Times are the
 median of --repeats runs, codec and project alternating so both see the same machine state.
 """
@@ -27,105 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from service.preprocessing import prepare_image
-
-ATTRIBUTION = (
-    "Radiographs from FracAtlas (Abedeen et al., Scientific Data 10, 521 (2023), doi:10.1038/s41597-023-02432-4), "
-    "CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/); re-encoded and resized here."
-)
-JPEG_SIDES_PX = (512, 1024, 1500, 2000, 2500)  # longest side; sources are only ever scaled down
-TARGET_SIZE = (2000, 2500)  # width, height of the PNG and DICOM versions: a typical DR detector image
-DICOM_TYPE, PNG_TYPE, JPEG_TYPE = "application/dicom", "image/png", "image/jpeg"
-
-
-def _sources(folder: Path) -> list[Image.Image]:
-    """The radiographs of `folder` as grey images, largest first."""
-    images = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}):
-        with Image.open(path) as img:
-            images.append(img.convert("L"))
-    return sorted(images, key=lambda img: -img.width * img.height)
-
-
-def _encoded(img: Image.Image, fmt: str, **params: Any) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, fmt, **params)
-    return buffer.getvalue()
-
-
-def _scaled(img: Image.Image, side: int) -> Image.Image:
-    scale = side / max(img.size)
-    return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
-
-
-def _twelve_bit(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """A 12-bit version at `size` resampled in float from the 8-bit source, so its low bits hold real detail."""
-    values = Image.fromarray(np.asarray(img, dtype=np.float32) * (4095 / 255), mode="F").resize(
-        size, Image.Resampling.BICUBIC
-    )
-    return np.clip(np.rint(np.asarray(values)), 0, 4095).astype(np.uint16)
-
-
-def _dicom_files(pixels: np.ndarray) -> list[tuple[str, bytes]]:
-    """2000x2500 DX files: uncompressed 12-bit with a window, 16-bit full range, and lossless compressed copies."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.pixels import get_encoder
-    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
-
-    def dataset(values: np.ndarray, bits: int, **tags: Any) -> Dataset:
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = UID("1.2.840.10008.5.1.4.1.1.1.1")  # DX
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME2", 1
-        ds.Rows, ds.Columns = values.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-        for keyword, value in tags.items():
-            setattr(ds, keyword, value)
-        ds.PixelData = values.tobytes()
-        return ds
-
-    def encoded(ds: Dataset) -> bytes:
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
-
-    files = [
-        ("dicom-12bit-window-uncompressed", encoded(dataset(pixels, 12, WindowCenter=2000, WindowWidth=3500))),
-        ("dicom-16bit-uncompressed", encoded(dataset((pixels.astype(np.uint32) * 16).astype(np.uint16), 16))),
-    ]
-    for syntax, label in [(RLELossless, "rle"), (JPEGLSLossless, "jpegls"), (JPEG2000Lossless, "jpeg2000")]:
-        if get_encoder(syntax).is_available:
-            ds = dataset(pixels, 12, WindowCenter=2000, WindowWidth=3500)
-            ds.compress(syntax, pixels)
-            files.append((f"dicom-12bit-{label}", encoded(ds)))
-    return files
-
-
-def realistic_image_set(folder: Path) -> list[tuple[str, bytes, str]]:
-    """(name, bytes, content type) of radiographs at real sizes: JPEG 512-2880 px grey and RGB, PNG, DICOM."""
-    sources = _sources(Path(folder))
-    largest = sources[0]
-    images: list[tuple[str, bytes, str]] = []
-    for side in (*[s for s in JPEG_SIDES_PX if s <= max(largest.size)], max(largest.size)):
-        grey = largest if side == max(largest.size) else _scaled(largest, side)
-        size = f"{grey.width}x{grey.height}"
-        images.append((f"jpeg-grey-{size}", _encoded(grey, "JPEG", quality=90), JPEG_TYPE))
-        images.append((f"jpeg-rgb-{size}", _encoded(grey.convert("RGB"), "JPEG", quality=90), JPEG_TYPE))
-    small = next((img for img in sources[1:] if max(img.size) < 512), None)
-    if small is not None:  # the common FracAtlas file: small, RGB-encoded, at its own size
-        images.append((f"jpeg-rgb-{small.width}x{small.height}", _encoded(small.convert("RGB"), "JPEG"), JPEG_TYPE))
-    grey = largest.resize(TARGET_SIZE, Image.Resampling.LANCZOS)
-    twelve = _twelve_bit(largest, TARGET_SIZE)
-    images.append(("png-8bit-2000x2500", _encoded(grey, "PNG"), PNG_TYPE))
-    images.append(("png-16bit-2000x2500", _encoded(Image.fromarray(twelve), "PNG"), PNG_TYPE))
-    images.append(("png-rgb-2000x2500", _encoded(grey.convert("RGB"), "PNG"), PNG_TYPE))
-    images.extend((name, data, DICOM_TYPE) for name, data in _dicom_files(twelve))
-    return images
+from inference.preprocessing import prepare_image
+from loadtest.images import ATTRIBUTION, DICOM_TYPE, realistic_image_set
 
 
 def _codecs(data: bytes, content_type: str, size: int = 224) -> dict[str, Callable[[], object]]:

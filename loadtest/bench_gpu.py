@@ -3,17 +3,19 @@
     python -m loadtest.bench_gpu --bundle models/demo --images tests/data/xray --out loadtest/results
 
 This module owns the device-side figures the CPU benchmarks cannot give: how fast the bundle's graphs run
-on an NVIDIA GPU through onnxruntime's CUDA execution provider, with the input and outputs kept on the
-device (IOBinding: one host-to-device copy of the uint8 batch per run is NOT timed; results stay on the GPU),
-and for comparison with plain `session.run` on numpy arrays (host copies timed). For each precision and
-batch size it reports images per second and the milliseconds per batch (p50, p99).
+on an NVIDIA GPU through the core's own engine (`inference.engine.Engine`, the service's sessions and options)
+on onnxruntime's CUDA execution provider: with the batch kept on the device (`Engine.device_runner`,
+IOBinding: the one host-to-device copy is not timed, results stay on the GPU), and through the core's routing
+on host arrays (`inference.pipeline.predict_batch`, host copies timed), as the service runs a batch. For
+each precision and batch size it reports images per second and the milliseconds per batch (p50, p99).
 
 fp16: every graph converted with `onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)`
-(uint8 image in, fp32 probabilities out; the uint8 -> float32 cast stays fp32, see `to_fp16`). fp16 is
-reported ONLY when its labels (body part, and fractured at the part's decision threshold) agree with fp32's
-on every test image; otherwise the report says it was refused and why. The demo bundle is untrained: its
-probabilities sit near the thresholds more often than a trained model's, so a refusal there says little
-about a trained bundle.
+(uint8 image in, fp32 probabilities out; the uint8 -> float32 cast stays fp32, see `to_fp16`) and given to
+the engine in place of the bundle's files. fp16 is reported ONLY when its labels agree with fp32's on at least
+99% of the test images (`inference.agreement.label_agreement`: the same body part and the same fracture call
+at the part's decision threshold); otherwise the report says it was refused and why. The demo bundle is
+untrained: its probabilities sit near the thresholds more often than a trained model's, so a refusal there
+says little about a trained bundle.
 
 Without CUDA (no onnxruntime-gpu, no GPU, no driver) it prints why and exits with status 0, measuring
 nothing (`--require-cuda` makes that exit status 2). The test images are FracAtlas radiographs, CC BY 4.0
@@ -30,7 +32,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import Bundle, FusedGraph, load_bundle
+from inference.agreement import label_agreement
+from inference.bundle import Bundle, graph_file_names, load_bundle
+from inference.engine import Engine
+from inference.pipeline import predict_batch
+from loadtest.images import model_inputs
 
 CUDA = "CUDAExecutionProvider"
-DEVICE = "cuda"  # where IOBinding keeps inputs and outputs
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+FP16_MIN_AGREEMENT = 0.99  # fp16 is reported only where its labels agree with fp32's this often
 Json = dict[str, Any]
 NO_CUDA_MESSAGE = (
     "bench_gpu: CUDA is not available to onnxruntime {version} here ({reason}). Nothing was measured. "
@@ -55,65 +59,18 @@ class CudaUnavailableError(RuntimeError):
     """The CUDA execution provider cannot run here; the message says why."""
 
 
-@dataclass
-class GraphSet:
-    """A bundle's graphs as sessions of one precision, run the way the service runs them."""
-
-    bundle: Bundle
-    sessions: dict[str, ort.InferenceSession]  # 'fused', or 'router' and one per part
-
-    @property
-    def fused(self) -> bool:
-        return isinstance(self.bundle.manifest.graph, FusedGraph)
-
-    def answers(self, images: np.ndarray) -> list[tuple[str, float]]:
-        """(body part, P(fractured)) per image through plain session.run (host arrays)."""
-        manifest = self.bundle.manifest
-        parts, graph, name = manifest.body_parts, manifest.graph, manifest.input.name
-        if isinstance(graph, FusedGraph):
-            body, p = self.sessions["fused"].run([graph.body_part_probs, graph.p_fractured], {name: images})
-            picks = np.argmax(body, axis=1)
-            return [(parts[k], float(p[i, k])) for i, k in enumerate(picks)]
-        body = self.sessions["router"].run([graph.body_part_probs], {name: images})[0]
-        out = []
-        for i, k in enumerate(np.argmax(body, axis=1)):
-            p = self.sessions[parts[k]].run([graph.p_fractured], {name: images[i : i + 1]})[0]
-            out.append((parts[k], float(p[0, 0])))
-        return out
-
-    def runs(self) -> list[tuple[ort.InferenceSession, list[str]]]:
-        """What one batch costs: the fused graph, or the router then one specialist (all images one part)."""
-        graph = self.bundle.manifest.graph
-        if isinstance(graph, FusedGraph):
-            return [(self.sessions["fused"], [graph.body_part_probs, graph.p_fractured])]
-        first = self.bundle.manifest.body_parts[0]
-        return [(self.sessions["router"], [graph.body_part_probs]), (self.sessions[first], [graph.p_fractured])]
-
-
 def require_cuda() -> None:
     available = ort.get_available_providers()
     if CUDA not in available:
         raise CudaUnavailableError(f"this onnxruntime build offers {available}")
 
 
-def open_sessions(bundle: Bundle, models: dict[str, bytes | str], device_id: int) -> GraphSet:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers: list[Any] = [(CUDA, {"device_id": device_id}), "CPUExecutionProvider"]
-    sessions = {}
-    for key, model in models.items():
-        session = ort.InferenceSession(model, sess_options=options, providers=providers)
-        if session.get_providers()[0] != CUDA:  # onnxruntime falls back to CPU quietly (no driver, no device)
-            raise CudaUnavailableError(f"the session for {key} fell back to {session.get_providers()}")
-        sessions[key] = session
-    return GraphSet(bundle, sessions)
-
-
-def graph_files(bundle: Bundle) -> dict[str, Path]:
-    graph = bundle.manifest.graph
-    if isinstance(graph, FusedGraph):
-        return {"fused": bundle.path(graph.file)}
-    return {"router": bundle.path(graph.router), **{p: bundle.path(f) for p, f in graph.specialists.items()}}
+def open_engine(bundle: Bundle, device_id: int, overrides: dict[str, bytes] | None = None) -> Engine:
+    """The core's engine on the CUDA device (the service's own sessions and options), graphs replaced in memory."""
+    engine = Engine(bundle, providers=["cuda"], device_id=device_id, graph_overrides=overrides)
+    if engine.active_provider != CUDA:  # onnxruntime falls back to CPU quietly (no driver, no device)
+        raise CudaUnavailableError(f"the sessions fell back to {engine.active_providers}")
+    return engine
 
 
 def to_fp16(path: Path) -> bytes:
@@ -136,20 +93,6 @@ def to_fp16(path: Path) -> bytes:
     return bytes(converted.SerializeToString())
 
 
-def agreement(bundle: Bundle, reference: list[tuple[str, float]], other: list[tuple[str, float]]) -> Json:
-    thresholds = bundle.manifest.thresholds
-    same = [
-        a[0] == b[0] and (a[1] >= thresholds[a[0]].decision) == (b[1] >= thresholds[b[0]].decision)
-        for a, b in zip(reference, other, strict=True)
-    ]
-    return {
-        "images": len(same),
-        "label_agreement": float(np.mean(same)),
-        "disagreeing_images": [i for i, ok in enumerate(same) if not ok],
-        "max_p_fractured_abs_diff": max(abs(a[1] - b[1]) for a, b in zip(reference, other, strict=True)),
-    }
-
-
 def time_batches(run: Any, seconds: float, min_iters: int) -> list[float]:
     """Milliseconds per call of `run`, after 3 warm-up calls, for `seconds` and at least `min_iters` calls."""
     for _ in range(3):
@@ -163,29 +106,15 @@ def time_batches(run: Any, seconds: float, min_iters: int) -> list[float]:
     return times
 
 
-def measure(graphs: GraphSet, images: np.ndarray, batch: int, seconds: float, device_id: int) -> Json:
-    """One precision at one batch size: IOBinding (device-resident) and plain host-array runs."""
+def measure(engine: Engine, images: np.ndarray, batch: int, seconds: float) -> Json:
+    """One precision at one batch size: device-resident (IOBinding) and through the core's routing on host arrays."""
     batch_images = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-    name = graphs.bundle.manifest.input.name
-    on_device = ort.OrtValue.ortvalue_from_numpy(batch_images, DEVICE, device_id)
-    bindings = []
-    for session, outputs in graphs.runs():
-        binding = session.io_binding()
-        binding.bind_ortvalue_input(name, on_device)
-        for output in outputs:
-            binding.bind_output(output, DEVICE, device_id)
-        bindings.append((session, binding))
-
-    def device_run() -> None:
-        for session, binding in bindings:
-            session.run_with_iobinding(binding)  # synchronous: returns once the device is done
-
-    def host_run() -> None:
-        for session, outputs in graphs.runs():
-            session.run(outputs, {name: batch_images})
-
     result: Json = {"batch_size": batch}
-    for mode, run in (("iobinding", device_run), ("host_copies", host_run)):
+    runs = (
+        ("iobinding", engine.device_runner(batch_images)),
+        ("host_copies", lambda: predict_batch(engine, batch_images)),
+    )
+    for mode, run in runs:
         times = time_batches(run, seconds / 2, min_iters=10)
         p50, p99 = np.percentile(times, [50, 99])
         result[mode] = {"images_per_second": batch * 1e3 / float(np.mean(times)), "p50_ms": p50, "p99_ms": p99}
@@ -209,22 +138,11 @@ def device_description(device_id: int) -> Json:
     return info
 
 
-def load_images(folder: Path, bundle: Bundle) -> np.ndarray:
-    from service.preprocessing import prepare_image_file
-
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"bench_gpu: no PNG/JPEG images under {folder}")
-    return np.stack([prepare_image_file(p, resize=bundle.manifest.input.resize).pixels for p in paths])
-
-
 def run(args: argparse.Namespace) -> Json:
     require_cuda()
     bundle = load_bundle(args.bundle)
-    images = load_images(args.images, bundle)
-    files = graph_files(bundle)
-    fp32 = open_sessions(bundle, {key: str(path) for key, path in files.items()}, args.device)
-    precisions: dict[str, GraphSet] = {"fp32": fp32}
+    images = model_inputs(args.images, bundle.manifest.input.resize)
+    engines: dict[str, Engine] = {"fp32": open_engine(bundle, args.device)}
     report: Json = {
         "started_at": datetime.now(UTC).isoformat(),
         "device": device_description(args.device),
@@ -236,18 +154,19 @@ def run(args: argparse.Namespace) -> Json:
         "seconds_per_cell": args.seconds,
         "precisions": {"fp32": {}},
     }
-    reference = precisions["fp32"].answers(images)
+    reference = predict_batch(engines["fp32"], images)  # the core's routing, as the service answers
     if "fp16" in args.precisions:
         try:
-            fp16 = open_sessions(bundle, {k: to_fp16(v) for k, v in files.items()}, args.device)
-            check = agreement(bundle, reference, fp16.answers(images))
+            overrides = {name: to_fp16(bundle.path(name)) for name in graph_file_names(bundle.manifest.graph)}
+            fp16 = open_engine(bundle, args.device, overrides)
+            check = label_agreement(reference, predict_batch(fp16, images), bundle.manifest.thresholds).as_dict()
         except CudaUnavailableError:
             raise
         except Exception as error:  # the converter or onnxruntime refusing a graph: report, do not crash
             report["precisions"]["fp16"] = {"refused": f"conversion or session failed: {type(error).__name__}: {error}"}
         else:
-            if check["label_agreement"] >= 1.0:
-                precisions["fp16"] = fp16
+            if check["label_agreement"] >= FP16_MIN_AGREEMENT:
+                engines["fp16"] = fp16
                 report["precisions"]["fp16"] = {"agreement_vs_fp32": check}
             else:
                 report["precisions"]["fp16"] = {
@@ -255,8 +174,8 @@ def run(args: argparse.Namespace) -> Json:
                     f"{check['images']} test images",
                     "agreement_vs_fp32": check,
                 }
-    for precision, graphs in precisions.items():
-        cells = [measure(graphs, images, b, args.seconds, args.device) for b in args.batch_sizes]
+    for precision, engine in engines.items():
+        cells = [measure(engine, images, b, args.seconds) for b in args.batch_sizes]
         report["precisions"].setdefault(precision, {})["results"] = cells
         for cell in cells:
             rate = cell["iobinding"]["images_per_second"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
@@ -24,35 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from PIL import Image
 
-from loadtest.servers import start_server, stop_server
-from service.bundle import load_bundle
-from service.engine import Engine
-from service.metrics import Metrics
-from service.pipeline import predict_batch
-from service.predictor import Predictor, Upload
-from service.preprocessing import prepare_image
-from service.settings import Settings
-
-SIZES_PX = (500, 1000, 1500, 2000, 2500)
-
-
-def make_uploads(folder: Path) -> list[tuple[str, bytes]]:
-    """Each source radiograph re-encoded as JPEG with its longest side at each of SIZES_PX."""
-    uploads = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}):
-        with Image.open(path) as source:
-            grey = source.convert("L")
-            for side in SIZES_PX:
-                scale = side / max(grey.size)
-                resized = grey.resize((round(grey.width * scale), round(grey.height * scale)), Image.Resampling.LANCZOS)
-                buffer = io.BytesIO()
-                resized.save(buffer, format="JPEG", quality=90)
-                uploads.append((f"{path.stem}_{side}.jpg", buffer.getvalue()))
-    return uploads
+from inference.bundle import load_bundle
+from inference.config import PredictorConfig
+from inference.engine import Engine
+from inference.pipeline import predict_batch
+from inference.predictor import Predictor, Upload
+from inference.preprocessing import prepare_image
+from loadtest.drivers import Body, closed_loop, encode_bodies
+from loadtest.images import make_uploads
+from loadtest.servers import Server, start_server, stop_server
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,10 +65,10 @@ def per_image_in_process_ms(bundle_path: Path, uploads: list[tuple[str, bytes]],
 
 
 async def in_process_ceiling(
-    settings: Settings, uploads: list[tuple[str, bytes]], concurrency: int, seconds: float
+    bundle: Path, uploads: list[tuple[str, bytes]], concurrency: int, seconds: float
 ) -> dict[str, float]:
     """The service's own machinery without HTTP: images per second with `concurrency` requests in flight."""
-    predictor = Predictor(load_bundle(settings.bundle), settings, Metrics())
+    predictor = Predictor(load_bundle(bundle), PredictorConfig())
     await predictor.start()
     done = 0
     stop_at = time.perf_counter() + seconds
@@ -108,46 +89,19 @@ async def in_process_ceiling(
     return {"images_per_second": done / elapsed, "concurrency": concurrency}
 
 
-async def http_load(url: str, uploads: list[tuple[str, bytes]], concurrency: int, seconds: float) -> dict[str, object]:
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def worker(offset: int) -> None:
-            i = offset
-            while time.perf_counter() < stop_at:
-                name, data = uploads[i % len(uploads)]
-                t0 = time.perf_counter()
-                response = await client.post("/v1/predict", files={"file": (name, data, "image/jpeg")})
-                statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
-                if response.status_code == 200:
-                    latencies.append((time.perf_counter() - t0) * 1e3)
-                i += concurrency
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - started
+async def http_load(server: Server, bodies: list[Body], concurrency: int, seconds: float) -> dict[str, object]:
+    """Closed loop at `concurrency` through the one load driver (`loadtest.drivers`), no warm-up window."""
+    step = await closed_loop(server, bodies, concurrency, 0.0, seconds, metrics=True)
+    latency = step["latency_ms"]
     return {
         "concurrency": concurrency,
-        "images_per_second": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 50),
-        "p90_ms": percentile(latencies, 90),
-        "p99_ms": percentile(latencies, 99),
-        "statuses": statuses,
+        "images_per_second": step["throughput_img_s"],
+        "p50_ms": latency["p50"],
+        "p90_ms": latency["p90"],
+        "p99_ms": latency["p99"],
+        "statuses": step["statuses"],
+        "mean_batch_size": (step.get("batch_sizes") or {}).get("mean_batch_size") or 0.0,
     }
-
-
-def batch_sizes(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("bfd_batch_size_sum", "bfd_batch_size_count")):
-            name, value = line.split()
-            values[name] = float(value)
-    count = values.get("bfd_batch_size_count", 0.0)
-    return {"batches": count, "mean_batch_size": values.get("bfd_batch_size_sum", 0.0) / count if count else 0.0}
 
 
 def main() -> None:
@@ -169,24 +123,15 @@ def main() -> None:
     }
     single = per_image_in_process_ms(args.bundle, uploads)
     report["per_image_in_process"] = single
-    settings = Settings(bundle=args.bundle)
-    ceiling = asyncio.run(in_process_ceiling(settings, uploads, 32, args.seconds))
+    ceiling = asyncio.run(in_process_ceiling(args.bundle, uploads, 32, args.seconds))
     report["in_process_ceiling"] = ceiling
     command = [sys.executable, "-m", "bfd.cli", "--log-level", "warning", "serve", "--bundle", str(args.bundle)]
     server = start_server("ours", command, "/readyz", args.out / "logs", {}, timeout_s=120)
-    url = server.url
+    bodies = encode_bodies(uploads)
     try:
         levels = []
         for concurrency in args.concurrency:
-            before = batch_sizes(url)
-            result = asyncio.run(http_load(url, uploads, concurrency, args.seconds))
-            after = batch_sizes(url)
-            batches = after["batches"] - before["batches"]
-            result["mean_batch_size"] = (
-                (after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]) / batches
-                if batches
-                else 0.0
-            )
+            result = asyncio.run(http_load(server, bodies, concurrency, args.seconds))
             levels.append(result)
             print(json.dumps(result))
         report["http"] = levels

@@ -1,7 +1,8 @@
 """Servers under test as real processes: started on a free port, ready when a path answers 200, stopped gracefully.
 
-One place for what `bench_load` and `bench_service` both do, with the log of each server in a file (a pipe
-nobody drains can fill and stall it) and psutil on its pid for CPU and RSS.
+The one place that starts a server and waits for it, for the benchmarks and for the tests that drive `bfd serve`
+over real HTTP (`bfd_serve`): the log of each server goes to a file (a pipe nobody drains can fill and stall
+it), and psutil reads CPU and RSS from its pid and its child processes.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -33,6 +36,10 @@ class Server:
 
     def __post_init__(self) -> None:
         self.ps = psutil.Process(self.process.pid)
+
+    def log_text(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
 
     def rss_mb(self) -> float:
         """Resident memory of the server and its child processes (e.g. codec workers), in MiB."""
@@ -70,8 +77,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+BFD = [sys.executable, "-m", "bfd.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
 def start_server(
-    name: str, command: Sequence[str], ready_path: str, log_dir: Path, env: dict[str, str], timeout_s: float
+    name: str,
+    command: Sequence[str],
+    ready_path: str,
+    log_dir: Path,
+    env: Mapping[str, str],
+    timeout_s: float,
+    *,
+    inherit_env: bool = True,
 ) -> Server:
     """Start `command` (which must take --port last) and wait until `ready_path` answers 200."""
     port = free_port()
@@ -79,7 +97,8 @@ def start_server(
     log_path = log_dir / f"{name}.log"
     log_file = log_path.open("wb")
     full = [*command, "--port", str(port)]
-    process = subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    full_env = {**(os.environ if inherit_env else {}), **env}
+    process = subprocess.Popen(full, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=REPO)
     server = Server(name, full, process, f"http://127.0.0.1:{port}", log_path, log_file)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -97,14 +116,41 @@ def start_server(
     raise RuntimeError(f"{name} was not ready in {timeout_s:.0f} s; see {log_path}")
 
 
-def stop_server(server: Server) -> int | None:
+def stop_server(server: Server, grace_s: float = 90) -> int | None:
     """SIGTERM, a graceful wait, then SIGKILL; returns the exit code."""
     if server.process.poll() is None:
         server.process.terminate()
         try:
-            server.process.wait(timeout=90)
+            server.process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait(timeout=30)
     server.log_file.close()
     return server.process.returncode
+
+
+@contextmanager
+def bfd_serve(
+    bundle: Path,
+    folder: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    ready_timeout_s: float = 120.0,
+) -> Iterator[Server]:
+    """`bfd serve` on `bundle`, ready to answer; stopped (SIGTERM, then SIGKILL) on exit unless it already exited.
+
+    Its results store and its log live in `folder`: a store of its own (two processes migrating one SQLite
+    file is not what the callers measure), a log file. The API key of the calling environment is dropped
+    unless `env` sets one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    full_env = {k: v for k, v in os.environ.items() if k != "BFD_API_KEY"}
+    full_env["BFD_DATABASE_URL"] = f"sqlite+aiosqlite:///{folder / 'results.sqlite3'}"
+    full_env.update(env or {})
+    command = [*BFD, *args, "serve", "--bundle", str(bundle)]
+    server = start_server("serve", command, "/readyz", folder, full_env, ready_timeout_s, inherit_env=False)
+    try:
+        yield server
+    finally:
+        stop_server(server, grace_s=20)

@@ -14,11 +14,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, Field
 
+from inference.deidentify import DeidentificationError, deidentify_dicom
+from inference.predictor import ImageResult
+from inference.results import DISCLAIMER, ImagePrediction
 from service.api import PredictorDep, admitted, unless_client_gone
-from service.deidentify import DeidentificationError, deidentify_dicom
 from service.errors import ServiceError
-from service.predictor import ImageResult, Predictor
-from service.schemas import DISCLAIMER, ErrorResponse, ImagePrediction
+from service.schemas import ErrorResponse
+from service.settings import Settings
 from service.store import MAX_ROW_NUMBER, Analysis, NewAnalysis, ResultsStore, StoreUnavailableError
 
 log = logging.getLogger(__name__)
@@ -106,14 +108,13 @@ async def create_analysis(
             raise ServiceError(422, "one_image_per_analysis", f"an analysis takes one image, got {len(uploads)}")
         [result] = await unless_client_gone(request.receive, predictor.run_images(tickets, uploads))
         answer = await predictor.answer(result)
-        row = await _store(store, predictor, result, answer)
+        row = await _store(store, request.app.state.settings, result, answer)
     return _record(row, answer.model_dump(mode="json"))
 
 
-async def _image_to_keep(predictor: Predictor, result: ImageResult) -> tuple[bytes | None, str | None]:
+async def _image_to_keep(settings: Settings, result: ImageResult) -> tuple[bytes | None, str | None]:
     """The bytes `store_images` keeps and their media type: DICOM de-identified unless
     `store_identifiable_images`; (None, None) when nothing is kept."""
-    settings = predictor.settings
     data = result.upload.data
     if not settings.store_images:
         return None, None
@@ -128,9 +129,9 @@ async def _image_to_keep(predictor: Predictor, result: ImageResult) -> tuple[byt
         return None, None
 
 
-async def _store(store: ResultsStore, predictor: Predictor, result: ImageResult, answer: ImagePrediction) -> Analysis:
+async def _store(store: ResultsStore, settings: Settings, result: ImageResult, answer: ImagePrediction) -> Analysis:
     upload = result.upload
-    image_bytes, media_type = await _image_to_keep(predictor, result)
+    image_bytes, media_type = await _image_to_keep(settings, result)
     try:
         return await store.add(
             NewAnalysis(

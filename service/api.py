@@ -18,11 +18,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
-from service.answers import bundle_warnings, model_answer
+from inference.answers import bundle_warnings, model_answer
+from inference.predictor import AnswerTicket, Predictor, Upload, release_all
+from inference.results import StudyResponse
 from service.errors import ServiceError
-from service.predictor import AnswerTicket, Predictor, Upload, release_all
-from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse, StudyResponse
+from service.metrics import Metrics
+from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
 from service.security import ApiKeyDep
+from service.settings import Settings
 from service.uploads import BodyReader, UploadLimits
 
 router = APIRouter()
@@ -148,7 +151,8 @@ async def admitted(
     read; then reads it under the byte, memory and time limits (`service.uploads`), parses it, and reserves
     one slot per image. On exit, whatever happened, unsubmitted slots and the body's memory are given back.
     """
-    settings = predictor.settings
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
         raise ServiceError(
@@ -169,18 +173,18 @@ async def admitted(
         tickets = predictor.admit(len(uploads))
         yield tickets, uploads
     except ServiceError as error:
-        _count_upload_refusal(predictor, error)
+        _count_upload_refusal(metrics, error)
         raise
     finally:
         release_all(tickets)  # a no-op for the slots whose images were submitted
         reader.release()
 
 
-def _count_upload_refusal(predictor: Predictor, error: ServiceError) -> None:
+def _count_upload_refusal(metrics: Metrics, error: ServiceError) -> None:
     if error.status == 408:
-        predictor.metrics.slow_uploads.inc()
+        metrics.slow_uploads.inc()
     elif error.status == 503 and "memory" in error.reason:
-        predictor.metrics.refused.labels("memory").inc()
+        metrics.refused.labels("memory").inc()
 
 
 async def _parse(
@@ -263,9 +267,9 @@ async def _disconnected(receive: Receive) -> None:
 
 
 @router.get("/v1/models", dependencies=[ApiKeyDep], response_model=ModelsResponse, summary="The bundle being served")
-async def models(predictor: PredictorDep) -> ModelsResponse:
+async def models(request: Request, predictor: PredictorDep) -> ModelsResponse:
     manifest = predictor.manifest
-    settings = predictor.settings
+    settings: Settings = request.app.state.settings
     return ModelsResponse(
         **model_answer(manifest).model_dump(),
         body_parts=manifest.body_parts,

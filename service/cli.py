@@ -1,4 +1,5 @@
-"""`bfd serve`: the FastAPI app under uvicorn, one process (one batcher gets the biggest batches)."""
+"""`bfd serve`: the FastAPI app under uvicorn, one process (one batcher gets the biggest batches), with the DICOM
+node in the same process when a DICOM destination is set (it shares the batcher)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-wait-ms", type=float)
     parser.add_argument("--intra-op-threads", type=int)
     parser.add_argument("--decode-threads", type=int)
+    parser.add_argument("--dicom-port", type=int, help="DICOM storage SCP port (env BFD_DICOM_PORT; default off)")
+    parser.add_argument(
+        "--dicom-destination",
+        help="where DICOM results go: AETITLE@host:port or a DICOMweb URL (BFD_DICOM_DESTINATION)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.bundle import BundleError, load_bundle
+    from inference.bundle import BundleError, load_bundle
     from service.http_server import serve
     from service.main import create_app
     from service.settings import Settings
@@ -41,17 +47,19 @@ def run(args: argparse.Namespace) -> int:
             "max_wait_ms",
             "intra_op_threads",
             "decode_threads",
+            "dicom_port",
+            "dicom_destination",
         )
         if (value := getattr(args, key)) is not None
     }
     try:
         settings = Settings(**overrides)
-        load_bundle(settings.bundle)  # refuse to start on a missing, corrupt or tampered bundle, clearly
+        bundle = load_bundle(settings.bundle)  # refuse to start on a missing, corrupt or tampered bundle, clearly
     except ValidationError as error:
         log.error("invalid settings: %s", error)
         return 2
     except BundleError as error:
         log.error("cannot serve: %s", error)
         return 2
-    serve(create_app(settings), settings, args.log_level)
+    serve(create_app(settings, bundle), settings, args.log_level)
     return 0

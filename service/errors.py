@@ -1,19 +1,29 @@
-"""Domain errors and their ONE mapping to HTTP: every error answer is JSON with a reason, never a bare 5xx."""
+"""The ONE mapping from the core's domain errors to HTTP: every error answer is JSON with a reason, never a bare 5xx.
+
+`http_error()` turns any error the core raises into a `ServiceError` (status, stable code, reason, headers);
+the HTTP routes raise ServiceError themselves only for what is HTTP's own (media types, bodies, API keys).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from inference.batching import BatcherClosedError, QueueFullError
+from inference.errors import (
+    DicomOutputError,
+    ImageError,
+    ImageTooLargeError,
+    InferenceError,
+    InferenceFailedError,
+    UnknownBodyPartError,
+    UnsupportedImageFormatError,
+)
 
-from service.batching import BatcherClosedError, QueueFullError
-from service.preprocessing import ImageError
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +39,36 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-class InferenceFailedError(ServiceError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(500, "inference_failed", f"inference failed for this batch: {reason}")
+# Most specific first: the first class an error is an instance of decides.
+_DOMAIN: tuple[tuple[type[Exception], int, str], ...] = (
+    (ImageTooLargeError, 413, "image_too_large"),
+    (UnsupportedImageFormatError, 415, "unsupported_media_type"),
+    (ImageError, 422, "undecodable_image"),
+    (UnknownBodyPartError, 422, "unknown_body_part"),
+    (DicomOutputError, 422, "dicom_output_needs_dicom"),
+    (InferenceFailedError, 500, "inference_failed"),
+)
+DOMAIN_ERRORS = (InferenceError, QueueFullError, BatcherClosedError)
+
+
+def http_error(error: Exception) -> ServiceError:
+    """The HTTP answer for an error of the core (a ServiceError passes through unchanged)."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, QueueFullError):
+        retry_after = max(1, math.ceil(error.retry_after_s))
+        return ServiceError(503, "overloaded", f"server busy: {error}", headers={"Retry-After": str(retry_after)})
+    if isinstance(error, BatcherClosedError):
+        return ServiceError(503, "shutting_down", "server is shutting down", {"Retry-After": "1"})
+    for kind, status, code in _DOMAIN:
+        if isinstance(error, kind):
+            return ServiceError(status, code, getattr(error, "reason", str(error)))
+    return ServiceError(500, "internal_error", f"internal error ({type(error).__name__}); the service keeps serving")
+
+
+def http_status(error: Exception) -> int:
+    """The HTTP status `http_error` gives `error` (for callers that report only the number)."""
+    return http_error(error).status
 
 
 class _SheddingLog:
@@ -58,61 +95,36 @@ class _SheddingLog:
 
 _SHEDDING_CODES = frozenset({"overloaded", "shutting_down", "store_unavailable"})
 
-_IMAGE_CODES = {413: "image_too_large", 415: "unsupported_media_type", 422: "undecodable_image"}
-
-
-def from_image_error(error: ImageError, image_name: str | None = None) -> ServiceError:
-    """Map a preprocessing error (its `status` says which 4xx) to a ServiceError naming the image."""
-    prefix = f"{image_name}: " if image_name else ""
-    status = error.status if error.status in _IMAGE_CODES else 422
-    return ServiceError(status, _IMAGE_CODES[status], prefix + error.reason)
-
-
-def queue_full(error: QueueFullError) -> ServiceError:
-    retry_after = max(1, math.ceil(error.retry_after_s))
-    return ServiceError(503, "overloaded", f"server busy: {error}", headers={"Retry-After": str(retry_after)})
-
 
 def error_body(status: int, code: str, reason: str) -> dict[str, object]:
     return {"detail": reason, "code": code, "status": status}
 
 
-def reason_of(response: Any) -> str:
-    """The reason in an error answer (an httpx response): `error_body`'s detail, else the body as text.
-
-    For clients of the service (`bfd predict --url`, the desktop): something other than the service may
-    answer too (a proxy's HTML 502), and its text is then the best reason there is.
-    """
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and body.get("detail"):
-        detail = body["detail"]
-        return detail if isinstance(detail, str) else str(detail)
-    return str(response.text).strip()[:500] or response.reason_phrase or f"HTTP {response.status_code}"
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Register the mapping on the app."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     shedding = _SheddingLog()
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+    def respond(request: Request, error: ServiceError) -> JSONResponse:
         if error.code in _SHEDDING_CODES:
             shedding.record(error.code, error.reason)
         elif error.status >= 500:
             log.error("%s %s -> %d %s", request.method, request.url.path, error.status, error.reason)
         return JSONResponse(error_body(error.status, error.code, error.reason), error.status, error.headers)
 
-    @app.exception_handler(QueueFullError)
-    async def _queue_full(request: Request, error: QueueFullError) -> JSONResponse:
-        return await _service_error(request, queue_full(error))
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return respond(request, error)
 
-    @app.exception_handler(BatcherClosedError)
-    async def _closed(request: Request, error: BatcherClosedError) -> JSONResponse:
-        mapped = ServiceError(503, "shutting_down", "server is shutting down", {"Retry-After": "1"})
-        return await _service_error(request, mapped)
+    for kind in DOMAIN_ERRORS:
+
+        @app.exception_handler(kind)
+        async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+            return respond(request, http_error(error))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -129,5 +141,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        reason = f"internal error ({type(error).__name__}); the service keeps serving"
-        return JSONResponse(error_body(500, "internal_error", reason), 500)
+        return respond(request, http_error(error))

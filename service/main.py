@@ -1,4 +1,5 @@
-"""The app factory: `create_app(settings)`; the lifespan opens the bundle, starts the batcher, opens the store."""
+"""The app factory: `create_app(settings)`; the lifespan loads the bundle, starts the predictor, opens the store,
+and starts the DICOM node when one is configured (it shares the predictor)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from inference.bundle import Bundle, load_bundle
+from inference.predictor import Predictor
+from inference.results import DISCLAIMER, UNTRAINED_WARNING
 from service.analysis_api import router as analysis_router
 from service.api import router
-from service.bundle import load_bundle
+from service.dicomweb_api import router as dicomweb_router
 from service.errors import install_error_handlers
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics, MetricsEvents, MetricsMiddleware
 from service.pages import mount_pages
-from service.predictor import Predictor
-from service.schemas import DISCLAIMER, UNTRAINED_WARNING
+from service.pages import router as pages_router
 from service.security import ApiKeyDep, exposure_warning, install_cors
 from service.settings import Settings
 from service.store import ResultsStore, StoreUnavailableError
@@ -24,16 +27,19 @@ from service.store import ResultsStore, StoreUnavailableError
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """The HTTP app on `settings.bundle` (or on `bundle`, already loaded and verified: `bfd serve` checks it
+    before it binds a port, and its files are hashed once, not twice)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bundle = load_bundle(settings.bundle)
-        if not bundle.manifest.trained:
+        loaded = bundle or load_bundle(settings.bundle)
+        if not loaded.manifest.trained:
             log.warning("%s (bundle %s)", UNTRAINED_WARNING, settings.bundle)
-        predictor = Predictor(bundle, settings, metrics)
+        predictor = Predictor(loaded, settings.predictor_config(), MetricsEvents(metrics))
+        metrics.track(predictor)
         await predictor.start()
         app.state.predictor = predictor
         # Never raises: a URL that cannot be used or a database that is down costs only /api/analysis (503),
@@ -42,14 +48,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         with contextlib.suppress(StoreUnavailableError):
             await store.ensure_ready()
+        node = None
+        if (node_config := settings.node_config()) is not None:
+            from dicom_node.node import DicomNode  # pynetdicom and highdicom load only when the node is on
+            from service.outbox import StoreOutbox
+
+            # DICOM and HTTP traffic share this predictor: one admission, one set of models
+            node = DicomNode(predictor, StoreOutbox(store), node_config)
+            await node.start()
+        app.state.dicom_node = node
         if (warning := exposure_warning(settings)) is not None:
             log.warning("%s", warning)
         app.state.ready = True
-        log.info("ready: %s %s on %s", bundle.model_name, bundle.model_version, predictor.engine.active_provider)
+        log.info("ready: %s %s on %s", loaded.model_name, loaded.model_version, predictor.engine.active_provider)
         try:
             yield
         finally:
             app.state.ready = False
+            if node is not None:
+                await node.stop()  # waiting studies are answered into the outbox before the predictor stops
             await predictor.stop()
             await store.close()
 
@@ -68,8 +85,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(analysis_router, dependencies=[ApiKeyDep])
+    app.include_router(dicomweb_router)
     mount_pages(app)
     install_cors(app, settings.cors_origins)
-    paths = frozenset(getattr(route, "path", "") for route in [*app.routes, *router.routes]) - {""}
+    # This FastAPI keeps included routers' routes behind the app's own list, so each router is asked too.
+    routes = [*app.routes, *router.routes, *analysis_router.routes, *dicomweb_router.routes, *pages_router.routes]
+    paths = frozenset(getattr(route, "path", "") for route in routes) - {""}
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
     return app

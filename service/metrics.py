@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from inference.batching import BatchStats
+from inference.events import PredictorEvents
+
+if TYPE_CHECKING:
+    from inference.predictor import Predictor
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -72,21 +78,37 @@ class Metrics:
             "bfd_slow_uploads", "request bodies cut with 408 (too slow or too long)", registry=self.registry
         )
 
-    def track_admission(
-        self,
-        *,
-        queue_depth: Callable[[], int],
-        expected_wait_s: Callable[[], float | None],
-        seconds_per_image: Callable[[], float | None],
-        decode_bytes_in_use: Callable[[], int],
-        request_bytes_in_use: Callable[[], int],
-    ) -> None:
-        """Read the predictor's admission state at scrape time (NaN while there is no estimate yet)."""
-        self.queue_depth.set_function(lambda: float(queue_depth()))
-        self.expected_wait.set_function(lambda: _or_nan(expected_wait_s()))
-        self.seconds_per_image.set_function(lambda: _or_nan(seconds_per_image()))
-        self.memory_in_use.labels("decode").set_function(lambda: float(decode_bytes_in_use()))
-        self.memory_in_use.labels("requests").set_function(lambda: float(request_bytes_in_use()))
+    def track(self, predictor: Predictor) -> None:
+        """Read the predictor's admission and memory state at scrape time (NaN while there is no estimate)."""
+        batcher = predictor.batcher
+        self.queue_depth.set_function(lambda: float(batcher.queue_depth))
+        self.expected_wait.set_function(lambda: _or_nan(batcher.expected_wait_s()))
+        self.seconds_per_image.set_function(lambda: _or_nan(batcher.seconds_per_item))
+        self.memory_in_use.labels("decode").set_function(lambda: float(predictor.decode_memory.in_use))
+        self.memory_in_use.labels("requests").set_function(lambda: float(predictor.request_memory.in_use))
+
+
+class MetricsEvents(PredictorEvents):
+    """The predictor's events, counted in the app's Prometheus registry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def refused(self, reason: str) -> None:
+        self.metrics.refused.labels(reason).inc()
+
+    def decode_skipped(self) -> None:
+        self.metrics.decodes_skipped.inc()
+
+    def answered(self, images: int) -> None:
+        self.metrics.images.inc(images)
+
+    def batch(self, stats: BatchStats) -> None:
+        if stats.size:
+            self.metrics.batch_size.observe(stats.size)
+            self.metrics.inference_seconds.observe(stats.run_seconds)
+        if stats.skipped:
+            self.metrics.skipped.inc(stats.skipped)
 
 
 def _or_nan(value: float | None) -> float:

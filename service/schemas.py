@@ -1,16 +1,13 @@
-"""The API's request and response shapes ("models" here means ML models, so these are schemas)."""
+"""The HTTP API's own request and response envelopes ("models" here means ML models, so these are schemas).
+
+The answers inside them (ImagePrediction, StudyResponse, ...) are the core's: `inference.results`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
 
-DISCLAIMER = "Research use only. Not a medical device and not a diagnosis: a qualified clinician must read the image."
-UNTRAINED_WARNING = (
-    "UNTRAINED MODEL: this bundle's heads were not trained on real data; its answers are meaningless "
-    "and must not be used as a result."
-)
+from inference.results import DISCLAIMER, ImagePrediction
 
 
 class PredictJSONRequest(BaseModel):
@@ -18,99 +15,6 @@ class PredictJSONRequest(BaseModel):
     image_name: str | None = Field(None, max_length=512)
     body_part: str | None = Field(None, description="skip the router: the client knows the body part")
     heatmap: bool = Field(False, description="also return a Grad-CAM overlay of where the specialist looks")
-
-
-class BodyPartAnswer(BaseModel):
-    label: str
-    probability: float | None = Field(description="router probability of the label; null when not computed")
-    probabilities: dict[str, float] | None
-    source: Literal["router", "client", "dicom"] = Field(
-        description="who named the part: the router, the client's body_part, or the DICOM BodyPartExamined"
-    )
-    router_label: str | None = Field(
-        None, description="the router's own label when the part came from the client or DICOM and it also ran"
-    )
-
-
-class FractureAnswer(BaseModel):
-    label: Literal["fractured", "normal"]
-    probability: float = Field(description="P(fractured) from the body part's specialist")
-    threshold: float = Field(description="fractured when probability >= threshold")
-    suspicious: bool | None = Field(None, description="at the high-sensitivity operating point, when known")
-    definite: bool | None = Field(None, description="at the high-specificity operating point, when known")
-
-
-class ModelAnswer(BaseModel):
-    name: str
-    version: str
-    trained: bool
-    precision: str
-    graph: str
-
-
-class HeatmapAnswer(BaseModel):
-    method: str = Field(
-        "Grad-CAM: gradient of the specialist's pre-softmax 'fractured' score, on the last conv block",
-        description="how the map was computed",
-    )
-    body_part: str = Field(description="whose specialist the map explains")
-    grid: list[list[float]] = Field(description="the coarse map, rows top to bottom, values 0..1")
-    overlay_png_base64: str | None = Field(
-        description="PNG: the map over the radiograph, aspect kept (null in stored results: it is derived)"
-    )
-    width: int
-    height: int
-
-
-class DicomAnswer(BaseModel):
-    """Rendering facts of a DICOM input; never a patient identifier."""
-
-    body_part_examined: str | None
-    photometric_interpretation: str
-    bits_stored: int
-    transfer_syntax: str
-
-
-class Timings(BaseModel):
-    decode_ms: float
-    queue_ms: float
-    inference_ms: float
-    total_ms: float
-    batch_size: int
-
-
-class ImagePrediction(BaseModel):
-    image_name: str
-    body_part: BodyPartAnswer
-    fracture: FractureAnswer
-    model: ModelAnswer
-    abstained: bool = Field(False, description="true: the model is out of its depth here; do not use the label")
-    abstention_reason: str | None = None
-    heatmap: HeatmapAnswer | None = None
-    dicom: DicomAnswer | None = None
-    warnings: list[str]
-    timings_ms: Timings
-    disclaimer: str = DISCLAIMER
-
-
-class StudyAnswer(BaseModel):
-    images: int
-    body_part: BodyPartAnswer
-    fracture: FractureAnswer
-    abstained: bool = False
-    abstention_reason: str | None = None
-    rule: str = (
-        "body part: argmax of the images' summed router probabilities; P(fractured): mean of the images' "
-        "P(fractured) from that part's specialist (MURA's study rule); label by that part's threshold"
-    )
-
-
-class StudyResponse(BaseModel):
-    study: StudyAnswer
-    predictions: list[ImagePrediction]
-    model: ModelAnswer
-    warnings: list[str]
-    disclaimer: str = DISCLAIMER
 
 
 class PredictResponse(BaseModel):

@@ -1,4 +1,10 @@
-"""Service settings: every one from the command line or a `BFD_*` environment variable (pydantic-settings)."""
+"""The service's settings: from `BFD_*` environment variables (pydantic-settings), some also from `bfd serve` flags.
+
+The DICOM node's are the `dicom_*` ones (`BFD_DICOM_PORT`, `BFD_DICOM_DESTINATION`, ...: README "DICOM node").
+
+Validated at construction with messages that say which setting is wrong and what came. The core's part of
+them is handed over as plain data (`predictor_config()`): the core never reads settings itself.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,10 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.engine import PROVIDER_NAMES, default_intra_op_threads
-from service.memory_budget import REQUEST_BODY_COPIES
+from dicom_node.config import RESULT_KINDS, NodeConfig
+from inference.config import PredictorConfig
+from inference.memory_budget import REQUEST_BODY_COPIES
+from inference.providers import PROVIDER_NAMES
 
 
 class Settings(BaseSettings):
@@ -88,13 +96,56 @@ class Settings(BaseSettings):
     heatmap_max_side: int = Field(512, ge=32, le=4096, description="longer side of heatmap overlays, pixels")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    # The DICOM node (dicom_node/, README "DICOM node"): on when a destination is set; listens when a port is too.
+    dicom_port: int | None = Field(
+        None, ge=0, le=65535, description="storage SCP port (C-ECHO, C-STORE); unset: no DIMSE listener"
+    )
+    dicom_host: str | None = Field(None, description="storage SCP bind address (default: as host)")
+    dicom_ae_title: str = Field("BFD", min_length=1, max_length=16, description="this node's AE title")
+    dicom_allowed_aes: Annotated[list[str], NoDecode] = Field(
+        [], description="calling AE titles let in, comma-separated; empty: any"
+    )
+    dicom_destination: str | None = Field(
+        None, description="where results go: AETITLE@host:port (C-STORE) or an http(s) DICOMweb URL (STOW-RS)"
+    )
+    dicom_quiet_s: float = Field(5.0, ge=0.0, le=3600.0, description="a study is answered after this quiet time")
+    dicom_study_max_instances: int = Field(
+        16, ge=1, le=1000, description="...or once it holds this many instances (the rest form a new group)"
+    )
+    dicom_held_bytes_budget: int = Field(
+        500_000_000, ge=1, description="instances received and not yet answered; more: 'out of resources' (0xA700)"
+    )
+    dicom_outputs: Annotated[list[str], NoDecode] = Field(
+        ["sr", "gsps", "sc"], description="result objects to send: sr, gsps, sc (comma-separated)"
+    )
+    dicom_audit_log: Path = Field(Path("bfd-dicom-audit.jsonl"), description="the node's audit log (JSON lines)")
+    dicom_retry_initial_s: float = Field(2.0, gt=0.0, description="first delivery retry after this; doubling")
+    dicom_retry_max_s: float = Field(300.0, gt=0.0, description="longest wait between delivery retries")
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "providers", "dicom_allowed_aes", "dicom_outputs", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
-        if isinstance(value, str):  # BFD_CORS_ORIGINS=https://a.org,https://b.org
+    def _split_lists(cls, value: object) -> object:
+        # the environment gives comma-separated lists: BFD_PROVIDERS=cuda,cpu, BFD_DICOM_ALLOWED_AES=A,B
+        if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("dicom_outputs")
+    @classmethod
+    def _known_outputs(cls, value: list[str]) -> list[str]:
+        names = [v.lower() for v in value]
+        unknown = [n for n in names if n not in RESULT_KINDS]
+        if unknown or not names:
+            raise ValueError(f"dicom_outputs must be some of {list(RESULT_KINDS)}, got {value}")
+        return names
+
+    @field_validator("dicom_destination")
+    @classmethod
+    def _destination_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from dicom_node.delivery import Destination  # the DIMSE library loads only when a node is set up
+
+            Destination.parse(value)  # ValueError says what is wrong
         return value
 
     @field_validator("api_key", mode="before")
@@ -109,13 +160,6 @@ class Settings(BaseSettings):
                 f"api_key (BFD_API_KEY) must be a real key or unset, got {got}: set a long random key, "
                 "or unset BFD_API_KEY to run without one (then bind a loopback address only)"
             )
-        return value
-
-    @field_validator("providers", mode="before")
-    @classmethod
-    def _split_providers(cls, value: object) -> object:
-        if isinstance(value, str):  # BFD_PROVIDERS=cuda,cpu
-            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("providers")
@@ -143,13 +187,41 @@ class Settings(BaseSettings):
             )
         return self
 
-    def resolved_intra_op_threads(self) -> int:
-        return self.intra_op_threads or default_intra_op_threads()
+    @model_validator(mode="after")
+    def _node_has_a_destination(self) -> Settings:
+        if self.dicom_port is not None and self.dicom_destination is None:
+            raise ValueError(
+                "dicom_port (BFD_DICOM_PORT) is set but dicom_destination (BFD_DICOM_DESTINATION) is not: "
+                "the node needs somewhere to send its results (AETITLE@host:port or a DICOMweb URL)"
+            )
+        return self
 
-    def resolved_decode_processes(self) -> int:
-        return self.resolved_decode_threads() if self.decode_processes is None else self.decode_processes
+    def node_config(self) -> NodeConfig | None:
+        """The DICOM node's part of the settings; None when the node is off (no destination)."""
+        if self.dicom_destination is None:
+            return None
+        return NodeConfig(
+            destination=self.dicom_destination,
+            port=self.dicom_port,
+            host=self.dicom_host or self.host,
+            ae_title=self.dicom_ae_title,
+            allowed_aes=tuple(self.dicom_allowed_aes),
+            quiet_s=self.dicom_quiet_s,
+            study_max_instances=self.dicom_study_max_instances,
+            held_bytes_budget=self.dicom_held_bytes_budget,
+            outputs=tuple(self.dicom_outputs),
+            audit_log=self.dicom_audit_log,
+            retry_initial_s=self.dicom_retry_initial_s,
+            retry_max_s=self.dicom_retry_max_s,
+        )
+
+    def predictor_config(self) -> PredictorConfig:
+        """The core's part of the settings."""
+        fields = PredictorConfig.__dataclass_fields__
+        return PredictorConfig(**{name: getattr(self, name) for name in fields})
+
+    def resolved_intra_op_threads(self) -> int:
+        return self.predictor_config().resolved_intra_op_threads()
 
     def resolved_decode_threads(self) -> int:
-        # Decoding (Pillow releases the GIL) and inference share the cores: the decode pool is as wide as
-        # the machine so bursts decode in parallel, while the one inference thread keeps batches flowing.
-        return self.decode_threads or default_intra_op_threads()
+        return self.predictor_config().resolved_decode_threads()

@@ -4,7 +4,7 @@ SQLAlchemy's async engine over aiosqlite or asyncpg; the schema is owned by Alem
 (`service/migrations`), applied at start-up and whenever the store comes back, so an upgrade never loses
 stored results. Stored per analysis: the answer JSON (without the overlay PNG, which is derived and large),
 image name, image sha256, model name/version, timestamps; never the image bytes unless `store_images` is
-set (and DICOM then de-identified, `service.deidentify`, unless `store_identifiable_images` is set too).
+set (and DICOM then de-identified, `inference.deidentify`, unless `store_identifiable_images` is set too).
 
 The store never takes predictions down:
 - a database URL that cannot be used (malformed, unknown driver, bad port) makes the store *misconfigured*
@@ -240,7 +240,8 @@ class ResultsStore:
         self._failures = 0
         self._retry_at = -math.inf
 
-    async def _call(self, doing: str, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def call(self, doing: str, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `operation` in a session behind the gate; failures start the back-off (StoreUnavailableError)."""
         await self.ensure_ready()
         assert self._sessions is not None  # ensure_ready refuses a store without an engine
         try:
@@ -283,7 +284,7 @@ class ResultsStore:
                 session.add(row)
             return row
 
-        return await self._call("storing an analysis", insert)
+        return await self.call("storing an analysis", insert)
 
     async def get(self, analysis_id: int) -> Analysis | None:
         """The analysis with this id, or None (also for ids no row can have: below 1, above MAX_ROW_NUMBER)."""
@@ -293,7 +294,7 @@ class ResultsStore:
         async def one(session: AsyncSession) -> Analysis | None:
             return await session.get(Analysis, analysis_id)
 
-        return await self._call("reading an analysis", one)
+        return await self.call("reading an analysis", one)
 
     async def list(self, *, image_name: str | None, limit: int, offset: int) -> tuple[list[Analysis], int]:
         """Newest first (ties broken by id), optionally for one image name; plus the total count."""
@@ -311,7 +312,7 @@ class ResultsStore:
             total = int((await session.scalar(count)) or 0)
             return rows, total
 
-        return await self._call("listing analyses", page)
+        return await self.call("listing analyses", page)
 
     async def close(self) -> None:
         if self.engine is not None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from starlette.types import Receive
 
+from inference.memory_budget import REQUEST_BODY_COPIES, BudgetExceededError, ByteBudget
 from service.errors import ServiceError
-from service.memory_budget import REQUEST_BODY_COPIES, BudgetExceededError, ByteBudget
 
 UPLOAD_GRACE_S = 5.0  # the minimum rate is not enforced before this: connection set-up, TLS, slow starts
 

@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from service.bundle import (
+from inference.bundle import (
     MANIFEST_NAME,
     FusedGraph,
     InputContract,

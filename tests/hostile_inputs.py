@@ -551,7 +551,8 @@ def _bmp() -> bytes:
 
 _CHILD = r"""
 import gc, json, sys
-from service.preprocessing import ImageError, plan_decode, prepare_image
+from inference.preprocessing import ImageError, plan_decode, prepare_image
+from service.errors import http_status
 
 def status_kb(field):
     with open("/proc/self/status") as fh:
@@ -570,7 +571,7 @@ try:
     answer["estimate"] = plan.working_bytes
     prepare_image(data, plan=plan, **kwargs)
 except ImageError as error:
-    answer["status"] = error.status
+    answer["status"] = http_status(error)
     answer["reason"] = error.reason
 answer["peak_rise"] = status_kb("VmHWM") - before
 print(json.dumps(answer))

@@ -6,15 +6,19 @@ server binaries are installed the caller skips loudly, or fails when BFD_REQUIRE
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from processes import free_port
+import pytest
+
+from loadtest.servers import free_port
 
 
 class PostgresUnavailable(RuntimeError):
@@ -68,3 +72,43 @@ def start_postgres(root: Path) -> PostgresServer:
     server._run(str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
     server.start()
     return server
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A server for the module; skipped loudly where none can start (a failure with BFD_REQUIRE_POSTGRES=1)."""
+    root = Path(tempfile.mkdtemp(prefix="bfd-pg-"))
+    try:
+        server = start_postgres(root)
+    except PostgresUnavailable as error:
+        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("BFD_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here (BFD_REQUIRE_POSTGRES=1) but cannot start: {error}")
+        pytest.skip(f"!!! PostgreSQL tests SKIPPED: cannot start a server: {error} !!!")
+    yield server
+    try:
+        server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, then a new database on the module's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/results.sqlite3"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"t{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
+    asyncio.run(_create_database(server, name))
+    yield server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _create_database(server: PostgresServer, name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()

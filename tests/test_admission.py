@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from service.batching import DynamicBatcher, QueueFullError
-from service.memory_budget import BudgetExceededError, ByteBudget
-from service.service_rate import ServiceRate
+from inference.batching import DynamicBatcher, QueueFullError
+from inference.memory_budget import BudgetExceededError, ByteBudget
+from inference.service_rate import ServiceRate
 
 pytestmark = pytest.mark.anyio
 

@@ -86,7 +86,7 @@ async def test_decodes_wait_for_the_memory_budget_and_never_exceed_it(tmp_path: 
     images = [png16(1200, seed) for seed in range(4)]
     async with serving(bundle, decode_threads=4) as (app, client):
         predictor = app.state.predictor
-        from service.preprocessing import plan_decode
+        from inference.preprocessing import plan_decode
 
         need = plan_decode(images[0]).working_bytes
         # Room for one of these decodes at a time, although four threads are free.

@@ -25,8 +25,8 @@ from factories import (
 )
 from PIL import Image
 
+from inference.predictor import Predictor
 from service.main import create_app
-from service.predictor import Predictor
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
+from inference.batching import BatcherClosedError, BatchStats, DynamicBatcher, QueueFullError
 
 pytestmark = pytest.mark.anyio
 
@@ -331,7 +331,7 @@ async def test_raising_on_batch_is_logged_and_batching_continues(caplog: pytest.
     def broken(stats: BatchStats) -> None:
         raise ZeroDivisionError("metrics broke")
 
-    with caplog.at_level(logging.ERROR, logger="service.batching"):
+    with caplog.at_level(logging.ERROR, logger="inference.batching"):
         async with running(Spy(), on_batch=broken) as batcher:
             assert await batcher.submit(1) == 10
             assert await batcher.submit(2) == 20

@@ -22,7 +22,7 @@ from factories import (
     write_manifest_json,
 )
 
-from service.bundle import (
+from inference.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     BundleError,

@@ -30,9 +30,9 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from service.dicom_output import SECONDARY_CAPTURE
-from service.predictor import Predictor, Upload
-from service.preprocessing import prepare_image
+from inference.dicom_output import SECONDARY_CAPTURE
+from inference.predictor import Predictor, Upload
+from inference.preprocessing import prepare_image
 
 pytestmark = pytest.mark.anyio
 

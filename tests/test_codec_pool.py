@@ -18,9 +18,10 @@ import pytest
 from factories import build_tiny_bundle, serving
 from PIL import Image
 
-from service.codec_pool import CodecPool
-from service.dicom import DicomError, decode_first_frame, parse_dicom
-from service.preprocessing import prepare_image
+from inference.codec_pool import CodecPool
+from inference.dicom import decode_first_frame
+from inference.dicom_header import DicomError, parse_dicom
+from inference.preprocessing import prepare_image
 
 pytestmark = pytest.mark.anyio
 XRAY = Path(__file__).parent / "data" / "xray"  # FracAtlas, CC BY 4.0: see tests/data/xray/README.md

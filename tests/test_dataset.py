@@ -20,13 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.dataset import (
-    DEFAULT_PARTS,
-    SYNTHETIC_MARKER,
-    DatasetError,
-    ImageRecord,
-    read_dataset,
-)
+from training.dataset import DEFAULT_PARTS, SYNTHETIC_MARKER, read_dataset
+from training.records import DatasetError, ImageRecord
 from training.splits import (
     DEFAULT_FRACTIONS,
     SPLIT_FILE_COLUMNS,

@@ -253,8 +253,22 @@ def test_copied_sources_exist_and_are_in_the_build_context(dockerfile: str) -> N
                     assert (ROOT / source).exists(), f"COPY {source}: no such file in the repository"
                 assert not _dockerignored(source.rstrip("/"), patterns), f"COPY {source} is .dockerignore'd"
     copied = " ".join(value for stage in _stages(dockerfile) for value in _values(stage, "COPY"))
-    for needed in ("pyproject.toml", "README.md", "bfd/", "service/"):
+    # What `bfd serve` imports, found the way the image's own check (`python -c "import service.main"`) would.
+    for needed in ("pyproject.toml", "README.md", "bfd/", "service/", *_served_packages()):
         assert needed in copied, f"`pip install .` needs {needed}"
+
+
+def _served_packages() -> list[str]:
+    """The project's packages that `service.main` and `bfd.cli` load, as 'name/' (read in a fresh interpreter)."""
+    probe = "import json, sys, service.main, bfd.cli; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = set(
+        json.loads(
+            subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+        )
+    )
+    project = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    assert "inference" in loaded & project  # the probe saw the core
+    return [f"{name}/" for name in sorted(loaded & project)]
 
 
 def test_labels_say_research_use_only(dockerfile: str) -> None:

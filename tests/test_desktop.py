@@ -32,13 +32,14 @@ except ImportError as missing:  # pragma: no cover - depends on the interpreter 
     )
 from factories import DEFAULT_PARTS, build_tiny_bundle, serving
 from PIL import Image, ImageGrab
-from processes import bfd_serve, free_port
 
 from desktop import cli as desktop_cli
 from desktop.app import TITLE, DesktopApp
 from desktop.client import ClientError, HttpClient, InProcessClient
 from desktop.report import describe, save_report
-from service.schemas import DISCLAIMER
+from inference.answers import summarise
+from inference.results import DISCLAIMER, ImagePrediction
+from loadtest.servers import bfd_serve, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -204,7 +205,7 @@ def test_window_shows_the_servers_reason_for_a_non_image(
     assert app.wait_idle(120)
     shown = app.shown()
     assert detail in shown["error"]
-    assert "422" in shown["error"]
+    assert "(undecodable image)" in shown["error"]  # in-process: the core's own kind of refusal, no HTTP status
     assert "Traceback" not in shown["error"]
     assert shown["fracture"] == ""
     assert shown["disclaimer"] == DISCLAIMER
@@ -256,11 +257,14 @@ def test_describe_dicom_source_abstention_and_a_trained_model(tmp_path: Path) ->
         "abstention_reason": "router top probability under 0.5",
         "heatmap": None,
         "warnings": ["image is small"],
+        "timings_ms": {"decode_ms": 1, "queue_ms": 0, "inference_ms": 1, "total_ms": 2, "batch_size": 1},
         "disclaimer": DISCLAIMER,
     }
+    # The sentences are the core's (every answer carries them); the window only lays them out.
+    prediction["summary"] = summarise(ImagePrediction.model_validate(prediction)).model_dump()
     description = describe(prediction)
     assert description.body_part == "Body part: hand, from the DICOM header; the router said elbow"
-    assert description.fracture == "Fracture: FRACTURED — P(fractured) = 0.812 ≥ threshold 0.400"
+    assert description.fracture == "Fracture: FRACTURED - P(fractured) = 0.812 >= threshold 0.400"
     assert description.probabilities == "Router probabilities: not computed"
     assert "suspicious (high-sensitivity point): yes" in description.flags
     assert "definite (high-specificity point): no" in description.flags

@@ -1,4 +1,4 @@
-"""DICOM in: how `service.dicom` renders a DICOM file and how `prepare_image` hands it to the model.
+"""DICOM in: how `inference.dicom` renders a DICOM file and how `prepare_image` hands it to the model.
 
 Pinned here:
 
@@ -47,8 +47,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from service.dicom import DicomError, DicomImage, body_part_from_dicom, looks_like_dicom, read_dicom
-from service.preprocessing import (
+from inference.dicom import DicomImage, body_part_from_dicom, read_dicom
+from inference.dicom_header import DicomError, looks_like_dicom
+from inference.preprocessing import (
     ImageError,
     ImageTooLargeError,
     PreparedImage,
@@ -56,6 +57,7 @@ from service.preprocessing import (
     UnsupportedImageFormatError,
     prepare_image,
 )
+from service.errors import http_status
 
 DIGITAL_XRAY = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 MR_SMALL_COPIES = ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm"]
@@ -213,7 +215,7 @@ def test_compressed_copies_of_mr_small_render_like_the_uncompressed_file(name: s
 
 
 def test_jpeg_extended_12_bit_decodes_through_gdcm() -> None:
-    """pydicom's GDCM plugin refuses 12-bit JPEG Extended; service.dicom decodes it with GDCM itself.
+    """pydicom's GDCM plugin refuses 12-bit JPEG Extended; inference.dicom decodes it with GDCM itself.
 
     pydicom's pixel reference for JPGExtended.dcm: stored value 244 at (420, 140) and 95 at (230, 120); the file
     has no window, so the rendering is min-max (its stored range is 0..264).
@@ -234,7 +236,7 @@ def test_jpeg_extended_12_bit_decodes_through_gdcm() -> None:
 def test_dicom_without_pixel_data_is_undecodable() -> None:
     with pytest.raises(UndecodableImageError) as caught:
         prepare_image(_testdata("rtplan.dcm"))
-    assert caught.value.status == 422
+    assert http_status(caught.value) == 422
     assert "pixel data" in caught.value.reason
     assert "no image" in caught.value.reason
 
@@ -242,8 +244,8 @@ def test_dicom_without_pixel_data_is_undecodable() -> None:
 def test_truncated_dicom_is_an_image_error() -> None:
     with pytest.raises(ImageError) as caught:
         prepare_image(_testdata("MR_truncated.dcm"))
-    assert 400 <= caught.value.status < 500
-    assert caught.value.status != 415  # a truncated file is not an unsupported format
+    assert 400 <= http_status(caught.value) < 500
+    assert http_status(caught.value) != 415  # a truncated file is not an unsupported format
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
@@ -253,7 +255,7 @@ def test_cut_short_dicom_is_a_4xx_image_error(name: str, cut: int) -> None:
     data = _testdata(name)
     with pytest.raises(ImageError) as caught:
         prepare_image(data[: len(data) - cut])
-    assert 400 <= caught.value.status < 500
+    assert 400 <= http_status(caught.value) < 500
 
 
 # --- files written here --------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ def test_file_without_preamble_needs_dicom_true() -> None:
         assert not looks_like_dicom(data)
         with pytest.raises(ImageError) as caught:
             prepare_image(data)
-        assert 400 <= caught.value.status < 500
+        assert 400 <= http_status(caught.value) < 500
         np.testing.assert_array_equal(_render(data, dicom=True), reference)
 
 
@@ -351,11 +353,11 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     data = _encode(ds)
     with pytest.raises(ImageTooLargeError) as caught:
         prepare_image(data, max_pixels=50_000_000)
-    assert caught.value.status == 413
+    assert http_status(caught.value) == 413
     assert "10000x10000" in caught.value.reason
-    with pytest.raises(DicomError) as direct:
+    with pytest.raises(ImageTooLargeError) as direct:
         read_dicom(data, max_pixels=100_000_000 - 1)
-    assert direct.value.status == 413
+    assert http_status(direct.value) == 413
     with pytest.raises(UndecodableImageError):  # under the limit the same file does reach the decoder
         prepare_image(data, max_pixels=100_000_000)
 
@@ -398,7 +400,7 @@ def test_corrupt_compressed_pixel_data_is_undecodable_not_unsupported() -> None:
     ds.PixelData = encapsulate([b"\x00" * 10, b"\x00" * 10])
     with pytest.raises(UndecodableImageError) as caught:
         prepare_image(_encode(ds))
-    assert caught.value.status == 422
+    assert http_status(caught.value) == 422
 
 
 def test_transfer_syntax_without_a_decoder_is_unsupported() -> None:
@@ -409,7 +411,7 @@ def test_transfer_syntax_without_a_decoder_is_unsupported() -> None:
     ds.save_as(buffer, enforce_file_format=True, implicit_vr=False, little_endian=True)
     with pytest.raises(UnsupportedImageFormatError) as caught:
         prepare_image(buffer.getvalue())
-    assert caught.value.status == 415
+    assert http_status(caught.value) == 415
     assert "transfer syntax" in caught.value.reason
 
 
@@ -770,7 +772,8 @@ def test_multi_frame_uncompressed_decodes_only_the_first_frame() -> None:
     """
     import tracemalloc
 
-    from service.dicom import check_pixel_data, parse_dicom, render_dicom
+    from inference.dicom import render_dicom
+    from inference.dicom_header import check_pixel_data, parse_dicom
 
     first = _real_grey(512, 512)
     stack = np.stack([first] + [np.full_like(first, 4095)] * 39)
@@ -811,13 +814,13 @@ def test_read_dicom_checks_the_codestream_too() -> None:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7  # two segments per frame, one expected
     with pytest.raises(DicomError, match="RLE header lists 2 segments") as caught:
         read_dicom(_encode(ds), max_pixels=10_000)
-    assert caught.value.status == 422
+    assert http_status(caught.value) == 422
 
 
 def test_read_dicom_applies_the_decode_budget_when_given() -> None:
     from hostile_inputs import rle_bomb
 
-    with pytest.raises(DicomError, match="the limit per image is 400000000") as caught:
+    with pytest.raises(ImageTooLargeError, match="the limit per image is 400000000") as caught:
         read_dicom(rle_bomb(), max_pixels=50_000_000, max_decode_bytes=400_000_000)
-    assert caught.value.status == 413
+    assert http_status(caught.value) == 413
     assert read_dicom(_encode(_radiograph(_gradient())), max_pixels=10_000, max_decode_bytes=50_000_000).pixels.shape

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import BFD, ServeProcess, bfd_serve
+
+from loadtest.servers import BFD, Server, bfd_serve
 
 XRAY = Path(__file__).parent / "data" / "xray"  # FracAtlas, CC BY 4.0: see tests/data/xray/README.md
 
@@ -28,7 +29,7 @@ def demo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # BFD_MAX_BATCH_SIZE: settings come from the environment too. A generous deadline: these tests are about
     # answers and draining, and a slow machine must not turn their bursts into 503s (tests/test_admission*.py).
     env = {"BFD_MAX_BATCH_SIZE": "8", "BFD_MAX_QUEUE_WAIT_MS": "60000"}
@@ -36,7 +37,7 @@ def server(demo_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield served
 
 
-def test_serve_answers_a_real_jpeg(server: ServeProcess) -> None:
+def test_serve_answers_a_real_jpeg(server: Server) -> None:
     url = server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
     response = httpx.post(f"{url}/v1/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60)
@@ -54,7 +55,7 @@ def test_serve_answers_a_real_jpeg(server: ServeProcess) -> None:
     assert bad.status_code == 422
 
 
-def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: ServeProcess) -> None:
+def test_predict_cli_in_process_and_remote(demo_bundle: Path, server: Server) -> None:
     url = server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
     local = subprocess.run([*BFD, "predict", str(path), "--bundle", str(demo_bundle)], capture_output=True, text=True)
@@ -96,7 +97,7 @@ def _dicom_from_jpeg(path: Path, body_part: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_clinical_features_on_the_demo_bundle(server: ServeProcess) -> None:
+def test_clinical_features_on_the_demo_bundle(server: Server) -> None:
     """Heatmap, study, DICOM in and out, and abstention on the real (untrained) ResNet50 demo bundle."""
     import base64
     import io
@@ -138,7 +139,7 @@ def test_clinical_features_on_the_demo_bundle(server: ServeProcess) -> None:
         assert "PatientName" not in out  # the input had none
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(server: ServeProcess) -> None:
+def test_sigterm_drains_in_flight_requests_then_exits(server: Server) -> None:
     """Requests admitted before SIGTERM are all answered (graceful drain), then the process exits."""
     import threading
 

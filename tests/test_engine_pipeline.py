@@ -31,10 +31,10 @@ from factories import (
     write_manifest_json,
 )
 
-from service.bundle import load_bundle
-from service.engine import PROVIDER_NAMES, Engine, EngineError, choose_providers
-from service.pipeline import ItemPrediction, predict_batch
-from service.preprocessing import prepare_image
+from inference.bundle import load_bundle
+from inference.engine import PROVIDER_NAMES, Engine, EngineError, choose_providers
+from inference.pipeline import ItemPrediction, predict_batch
+from inference.preprocessing import prepare_image
 
 PARTS = list(DEFAULT_PARTS)
 CPU = "CPUExecutionProvider"
@@ -119,7 +119,7 @@ def test_unavailable_provider_falls_back_to_cpu(caplog: pytest.LogCaptureFixture
     missing = [n for n, full in PROVIDER_NAMES.items() if full not in ort.get_available_providers()]
     if not missing:
         pytest.skip("every provider this service knows is available here")
-    with caplog.at_level(logging.WARNING, logger="service.engine"):
+    with caplog.at_level(logging.WARNING, logger="inference.engine"):
         assert choose_providers([missing[0]]) == [CPU]
     assert f"provider {missing[0]} requested but not available" in caplog.text
 

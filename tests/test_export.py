@@ -1,40 +1,49 @@
 """Tests for the export (export/*.py): Keras models -> verified ONNX bundle, as the service will load it.
 
-Every conversion is a real ResNet50 through tf2onnx, so the expensive results are built once per module and
-shared: the demo models exported fused, the same models exported split, a set whose specialist has its own
-backbone (auto -> split), the original project's H5 files through the CLI, and one INT8 bundle.
+Every conversion is a real ResNet50 through tf2onnx, so the expensive results are built once per module
+(`export_helpers`): here the demo models exported fused, the same models exported split, and a set whose
+specialist has its own backbone (auto -> split); the original project's H5 files and INT8 have modules of
+their own (test_export_legacy.py, test_export_int8.py), so no module holds every model set at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
-from PIL import Image
+from export_helpers import (
+    PARTS,
+    PERTURBED_PART,
+    SAME_MODELS_TOLERANCE,
+    TOLERANCE,
+    Exported,
+    assert_close,
+    assert_map_close,
+    bundle_folder_only,
+    caffe,
+    demo_set,
+    fused,
+    images,
+    keras_answers,
+    keras_feature_map,
+    run_cli,
+    session,
+    sha256,
+)
 
 import bfd.cli
 from export import graphs
 from export.build import HEADS_FILE, ExportError, ExportOptions, export_bundle
 from export.sources import (
-    LEGACY_ROUTER_FILE,
     ModelSet,
-    SourceError,
     backbones_identical,
-    demo_models,
-    load_keras_dir,
 )
-from service.bundle import MANIFEST_NAME, Bundle, FusedGraph, Manifest, SplitGraph, load_bundle
-from service.engine import Engine
-from service.pipeline import predict_batch
-from service.preprocessing import prepare_image_file
+from inference.bundle import MANIFEST_NAME, FusedGraph, SplitGraph, load_bundle
+from inference.engine import Engine
+from inference.pipeline import predict_batch
 from training.architecture import (
     IMAGE_SIZE,
     backbone_of,
@@ -47,103 +56,6 @@ from training.architecture import (
 )
 
 pytestmark = pytest.mark.slow
-
-PARTS = ["elbow", "hand", "shoulder"]
-TOLERANCE = 1e-4  # what the export promises between ONNX and Keras probabilities
-SAME_MODELS_TOLERANCE = 1e-5  # fused vs split graphs of the very same weights
-XRAY_DIR = Path(__file__).parent / "data" / "xray"
-XRAY_FILES = sorted(XRAY_DIR.rglob("*.jpg"))
-LEGACY_FILES = {
-    "router": LEGACY_ROUTER_FILE,
-    "specialist/elbow": "ResNet50_Elbow_frac.h5",
-    "specialist/hand": "ResNet50_Hand_frac.h5",
-    "specialist/shoulder": "ResNet50_Shoulder_frac.h5",
-}
-PERTURBED_PART = "elbow"  # the demo elbow head answers mid-range probabilities, so a change shows
-
-
-@dataclass(frozen=True)
-class Exported:
-    root: Path
-    manifest: Manifest
-
-    def bundle(self) -> Bundle:
-        return load_bundle(self.root)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def caffe(images: np.ndarray) -> np.ndarray:
-    return keras.applications.resnet50.preprocess_input(images.astype("float32"))
-
-
-def keras_feature_map(backbone: keras.Model, images: np.ndarray) -> np.ndarray:
-    """The last conv block's output, straight from Keras (independent of export.graphs)."""
-    model = keras.Model(backbone.inputs, backbone.get_layer("conv5_block3_out").output)
-    return model.predict(caffe(images), verbose=0)
-
-
-def assert_close(got: np.ndarray, expected: np.ndarray, tolerance: float, what: str) -> None:
-    assert got.shape == expected.shape, what
-    diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-    assert diff <= tolerance, f"{what}: max abs diff {diff:.3g} > {tolerance:.1g}"
-
-
-def assert_map_close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert_close(got, expected, TOLERANCE * max(1.0, float(np.max(np.abs(expected)))), what)
-
-
-def bundle_folder_only(parent: Path, name: str) -> None:
-    """`parent` holds the bundle `name` and nothing else: no staging folder left behind."""
-    assert sorted(p.name for p in parent.iterdir()) == [name]
-
-
-def run_cli(*args: object) -> int:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["bfd"])  # keep the real command line out of the parser's way
-        return bfd.cli.main(["export", *map(str, args)])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared, expensive fixtures
-
-
-@pytest.fixture(scope="module")
-def demo_set() -> ModelSet:
-    return demo_models()
-
-
-@pytest.fixture(scope="module")
-def images() -> np.ndarray:
-    """Fresh images, not the export's own verification images: random gray/colour plus the real JPEGs."""
-    rng = np.random.default_rng(2024)
-    gray = rng.integers(0, 256, size=(5, IMAGE_SIZE, IMAGE_SIZE, 1), dtype=np.uint8)
-    colour = rng.integers(0, 256, size=(4, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    real = [prepare_image_file(path, resize="bilinear").pixels for path in XRAY_FILES]
-    batch = np.concatenate([np.repeat(gray, 3, axis=-1), colour, np.stack(real)])
-    assert batch.shape == (9 + len(XRAY_FILES), IMAGE_SIZE, IMAGE_SIZE, 3)
-    return batch
-
-
-@pytest.fixture(scope="module")
-def keras_answers(demo_set: ModelSet, images: np.ndarray) -> graphs.Reference:
-    """What the demo Keras models answer on `images`, computed directly with Keras."""
-    body = demo_set.router.predict(images, verbose=0)
-    p_fractured = np.stack([demo_set.specialists[p].predict(images, verbose=0)[:, 0] for p in PARTS], axis=1)
-    fmap = keras_feature_map(backbone_of(demo_set.router), images)
-    return graphs.Reference(body, p_fractured, {"router": fmap})
-
-
-@pytest.fixture(scope="module")
-def fused(demo_set: ModelSet, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    out = tmp_path_factory.mktemp("fused") / "demo"
-    return Exported(out, export_bundle(demo_set, out, ExportOptions(name="demo-fused")))
 
 
 @pytest.fixture(scope="module")
@@ -417,194 +329,6 @@ def test_fused_is_refused_when_a_backbone_differs(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The original project's H5 files
-
-
-def original_model(n_classes: int, backbone_weights: list[np.ndarray] | None) -> keras.Model:
-    """The original project's flat Keras-2 model: preprocess_input outside, ResNet50 + Dense head."""
-    base = keras.applications.ResNet50(
-        include_top=False, weights=None, pooling="avg", input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
-    )
-    if backbone_weights is not None:
-        base.set_weights(backbone_weights)
-    x = keras.layers.Dense(128, activation="relu")(base.output)
-    x = keras.layers.Dense(50, activation="relu")(x)
-    out = keras.layers.Dense(n_classes, activation="softmax")(x)
-    return keras.Model(base.input, out)
-
-
-@dataclass(frozen=True)
-class Legacy:
-    directory: Path
-    originals: dict[str, keras.Model]  # 'router' and 'specialist/<part>'
-
-
-@pytest.fixture(scope="module")
-def legacy(tmp_path_factory: pytest.TempPathFactory) -> Legacy:
-    keras.utils.set_random_seed(7)
-    directory = tmp_path_factory.mktemp("legacy")
-    # One backbone's weights for all four files, so the export may fuse them.
-    shared = keras.applications.ResNet50(
-        include_top=False, weights=None, pooling="avg", input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
-    ).get_weights()
-    originals = {"router": original_model(3, shared)}
-    for part in PARTS:
-        originals[f"specialist/{part}"] = original_model(2, shared)
-    for key, model in originals.items():
-        model.save(directory / LEGACY_FILES[key])
-    (directory / "notes.txt").write_text("not a model\n")
-    return Legacy(directory, originals)
-
-
-@pytest.fixture(scope="module")
-def legacy_bundle(legacy: Legacy, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    out = tmp_path_factory.mktemp("legacy-out") / "original"
-    assert run_cli("--keras-dir", legacy.directory, "--untrained", "--out", out) == 0
-    bundle = load_bundle(out)
-    return Exported(out, bundle.manifest)
-
-
-def test_legacy_files_load_as_canonical_models(legacy: Legacy) -> None:
-    model_set = load_keras_dir(legacy.directory, trained=False)
-    assert model_set.kind == "legacy-h5"
-    assert model_set.trained is False
-    assert model_set.resize == "nearest"
-    assert model_set.parts == PARTS
-    assert [p.name for p in model_set.source_files] == list(LEGACY_FILES.values())
-    assert set(model_set.originals) == set(LEGACY_FILES)
-    assert backbones_identical(model_set)
-    for key, model in model_set.models().items():
-        assert [layer.name for layer in model.layers][1:] == ["caffe_preprocessing", "resnet50", "head"], key
-        assert model.inputs[0].dtype == "uint8"
-
-
-def test_legacy_export_through_the_cli(legacy: Legacy, legacy_bundle: Exported) -> None:
-    manifest = legacy_bundle.manifest
-    assert manifest.source.kind == "legacy-h5"
-    assert manifest.input.resize == "nearest"
-    assert manifest.trained is False  # --untrained
-    assert manifest.name == legacy_bundle.root.name
-    assert manifest.body_parts == PARTS
-    # Four separate backbones with equal weights: compared by value, so fused.
-    assert isinstance(manifest.graph, FusedGraph)
-    assert 0.0 <= manifest.verification.max_abs_diff <= TOLERANCE
-    assert [entry.path for entry in manifest.source.files] == list(LEGACY_FILES.values())
-    for entry in manifest.source.files:
-        path = legacy.directory / entry.path
-        assert entry.sha256 == sha256(path)
-        assert entry.size_bytes == path.stat().st_size
-    bundle_folder_only(legacy_bundle.root.parent, legacy_bundle.root.name)
-
-
-def test_legacy_bundle_answers_like_the_original_models(
-    legacy: Legacy, legacy_bundle: Exported, images: np.ndarray
-) -> None:
-    body, p_fractured, _ = session(legacy_bundle.root / "model.onnx").run(None, {"image": images})
-    float_inputs = caffe(images)
-    expected_body = legacy.originals["router"].predict(float_inputs, verbose=0)
-    assert_close(body, expected_body, TOLERANCE, "router")
-    for index, part in enumerate(PARTS):
-        expected = legacy.originals[f"specialist/{part}"].predict(float_inputs, verbose=0)[:, 0]
-        assert_close(p_fractured[:, index], expected, TOLERANCE, part)
-    # The heads are different models: their columns differ.
-    assert float(np.max(np.abs(p_fractured[:, 0] - p_fractured[:, 1]))) > 1e-3
-
-
-def test_legacy_folder_needs_specialists(tmp_path: Path, legacy: Legacy) -> None:
-    shutil.copy(legacy.directory / LEGACY_ROUTER_FILE, tmp_path / LEGACY_ROUTER_FILE)
-    with pytest.raises(SourceError, match="no ResNet50_<Part>_frac.h5"):
-        load_keras_dir(tmp_path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# INT8
-
-
-def synthetic_radiograph(seed: int) -> Image.Image:
-    """A gray, radiograph-like picture: a dark field, a bright 'bone' band, gradients and noise."""
-    rng = np.random.default_rng(seed)
-    height, width = int(rng.integers(200, 480)), int(rng.integers(200, 480))
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.uniform(0, np.pi)
-    distance = np.abs((x - width / 2) * np.cos(angle) + (y - height / 2) * np.sin(angle))
-    bone = 170.0 * np.exp(-((distance / rng.uniform(15, 60)) ** 2))
-    field = 30.0 + 40.0 * (x / width) + rng.normal(0.0, 12.0, size=(height, width))
-    return Image.fromarray(np.clip(field + bone, 0, 255).astype(np.uint8), mode="L")
-
-
-@pytest.fixture(scope="module")
-def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("calibration")
-    for path in XRAY_FILES:
-        shutil.copy(path, directory / path.name)
-    (directory / "synthetic").mkdir()
-    for seed in range(12):
-        synthetic_radiograph(seed).save(directory / "synthetic" / f"radiograph_{seed:02d}.png")
-    (directory / "README.txt").write_text("ignored: not an image\n")
-    return directory
-
-
-MIN_AGREEMENT = 0.75
-
-
-@pytest.fixture(scope="module")
-def int8(demo_set: ModelSet, calibration_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    out = tmp_path_factory.mktemp("int8") / "demo"
-    options = ExportOptions(name="demo-int8", int8=True, calibration_dir=calibration_dir, min_agreement=MIN_AGREEMENT)
-    return Exported(out, export_bundle(demo_set, out, options))
-
-
-def test_int8_bundle_reports_its_quantization(int8: Exported, fused: Exported) -> None:
-    manifest = int8.manifest
-    assert manifest.precision == "int8"
-    assert isinstance(manifest.graph, FusedGraph)
-    assert manifest.version.endswith("-int8")
-    assert int8.bundle().manifest == manifest
-    report = manifest.quantization
-    assert report is not None
-    images = len(XRAY_FILES) + 12
-    assert report.calibration_images + report.held_out_images == images
-    assert report.held_out_images == max(4, images // 4)
-    assert report.calibration_images >= 8
-    for agreement in (report.body_part_agreement, report.fracture_agreement):
-        assert 0.0 <= agreement <= 1.0
-        assert agreement >= MIN_AGREEMENT
-        # Whole images: an agreement is a count over the held-out set.
-        assert round(agreement * report.held_out_images, 6) == round(agreement * report.held_out_images)
-    assert 0.0 <= report.max_probability_diff <= 1.0
-    assert report.min_agreement == MIN_AGREEMENT
-    # One precision per bundle: the int8 graph replaced the fp32 one, no working files left.
-    assert sorted(p.name for p in int8.root.iterdir()) == sorted([MANIFEST_NAME, "model.onnx", HEADS_FILE])
-    assert (int8.root / "model.onnx").stat().st_size < 0.5 * (fused.root / "model.onnx").stat().st_size
-    bundle_folder_only(int8.root.parent, int8.root.name)
-
-
-def test_int8_graph_is_quantized_and_still_answers(int8: Exported, fused: Exported, calibration_dir: Path) -> None:
-    ops = {node.op_type for node in onnx.load(str(int8.root / "model.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    graph = session(int8.root / "model.onnx")
-    assert [(i.name, i.type) for i in graph.get_inputs()] == [("image", "tensor(uint8)")]
-    assert [o.name for o in graph.get_outputs()] == ["body_part_probs", "p_fractured", "feature_map"]
-
-    real = np.stack([prepare_image_file(p, resize="bilinear").pixels for p in XRAY_FILES])
-    from_int8 = predict_batch(Engine(int8.bundle(), providers=["cpu"]), real)
-    from_fp32 = predict_batch(Engine(fused.bundle(), providers=["cpu"]), real)
-    for q, f in zip(from_int8, from_fp32, strict=True):
-        assert q.body_part == f.body_part
-        assert abs(q.p_fractured - f.p_fractured) < 0.1
-
-
-def test_int8_under_min_agreement_is_refused_and_leaves_nothing(
-    demo_set: ModelSet, calibration_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    parent = tmp_path_factory.mktemp("int8-refused")
-    options = ExportOptions(int8=True, calibration_dir=calibration_dir, min_agreement=1.01)
-    with pytest.raises(ExportError, match="agreement"):
-        export_bundle(demo_set, parent / "bundle", options)
-    assert list(parent.iterdir()) == []  # neither the bundle nor its staging folder
-
-
-# ---------------------------------------------------------------------------------------------------------
 # CLI refusals (exit code 2, nothing written)
 
 
@@ -688,7 +412,7 @@ def tape_grad_cam(specialist: keras.Model, image: np.ndarray) -> np.ndarray:
 def test_serving_grad_cam_equals_gradient_tape_on_the_keras_model(
     fused: Exported, demo_set: ModelSet, images: np.ndarray
 ) -> None:
-    from service.heatmap import HeadBank, grad_cam
+    from inference.heatmap import HeadBank, grad_cam
 
     engine = Engine(load_bundle(fused.root))
     bank = HeadBank.load(fused.root / HEADS_FILE)

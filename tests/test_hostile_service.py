@@ -18,7 +18,8 @@ import psutil
 import pytest
 from factories import build_tiny_bundle, encode_png, image_for_part
 from hostile_inputs import HostileCase, hostile_cases
-from processes import bfd_serve
+
+from loadtest.servers import bfd_serve
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

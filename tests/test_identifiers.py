@@ -25,7 +25,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from service.deidentify import DeidentificationError, deidentify_dicom, replacement_uid
+from inference.deidentify import DeidentificationError, deidentify_dicom, replacement_uid
 from service.main import create_app
 from service.pages import PAGE_POLICY, WEB_DIR, inline_script_hashes
 from service.security import exposure_warning, is_loopback

@@ -23,7 +23,8 @@ from typing import Any
 import onnxruntime
 import pytest
 from factories import build_tiny_bundle
-from processes import bfd_serve
+
+from loadtest.servers import bfd_serve
 
 pytestmark = pytest.mark.slow
 

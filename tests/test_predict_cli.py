@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from factories import build_tiny_bundle
-from processes import bfd_serve
 
-from service import predict_cli
+from clients import predict_cli
+from loadtest.servers import bfd_serve
 
 # FracAtlas (Abedeen et al., Scientific Data 10, 521 (2023)), CC BY 4.0: see tests/data/xray/README.md
 HAND = Path(__file__).parent / "data" / "xray" / "hand" / "fractured" / "fracatlas_IMG0003396.jpg"

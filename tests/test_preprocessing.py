@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from service import preprocessing
-from service.preprocessing import (
+from inference import preprocessing
+from inference.preprocessing import (
     SUPPORTED_FORMATS,
     ImageError,
     ImageTooLargeError,
@@ -30,6 +30,7 @@ from service.preprocessing import (
     prepare_image,
     prepare_image_file,
 )
+from service.errors import http_status
 
 XRAY_DIR = Path(__file__).parent / "data" / "xray"
 SMALL_RGB = XRAY_DIR / "hand/fractured/fracatlas_IMG0003396.jpg"  # 373x454, RGB-encoded
@@ -84,13 +85,13 @@ def test_error_hierarchy_and_status() -> None:
     ]:
         assert issubclass(cls, ImageError)
         err = cls("why")
-        assert (err.reason, err.status, str(err)) == ("why", status, "why")
+        assert (err.reason, http_status(err), str(err)) == ("why", status, "why")
 
 
 def test_zero_bytes() -> None:
     with pytest.raises(UndecodableImageError, match="got 0 bytes") as info:
         prepare_image(b"")
-    assert info.value.status == 422
+    assert http_status(info.value) == 422
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_truncated_image_is_undecodable(fmt: str) -> None:
 def test_other_real_formats_are_unsupported(fmt: str) -> None:
     with pytest.raises(UnsupportedImageFormatError, match=fmt) as info:
         prepare_image(encode(noise("RGB", (16, 16)), fmt))
-    assert info.value.status == 415
+    assert http_status(info.value) == 415
 
 
 def test_too_large_is_detected_from_header_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +139,7 @@ def test_too_large_is_detected_from_header_before_decoding(monkeypatch: pytest.M
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
     with pytest.raises(ImageTooLargeError, match="8000x8000") as info:
         prepare_image(png_claiming_size(8000, 8000))  # 64 Mpx > default 50 Mpx; the file is ~70 bytes
-    assert info.value.status == 413
+    assert http_status(info.value) == 413
     assert loads == []  # no pixel was decoded
     prepare_image(encode(Image.new("L", (8, 8))))
     assert loads  # the spy does see real decodes
@@ -430,7 +431,7 @@ def test_any_image_meets_the_contract(width: int, height: int, mode: str, jpeg: 
 
 def test_module_imports_only_numpy_and_pillow() -> None:
     code = (
-        "import sys, service.preprocessing\n"
+        "import sys, inference.preprocessing\n"
         "bad = [m for m in ('fastapi', 'onnxruntime', 'tensorflow', 'keras', 'cv2') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -472,7 +473,7 @@ def test_decode_budget_refuses_with_the_figure_and_the_limit() -> None:
     with pytest.raises(ImageTooLargeError) as caught:
         prepare_image(data, max_decode_bytes=plan.working_bytes - 1)
     reason = caught.value.reason
-    assert caught.value.status == 413
+    assert http_status(caught.value) == 413
     assert "300x200 px x 3 samples x 1 bytes x" in reason
     assert "working copies" in reason
     assert "the limit per image is" in reason

@@ -9,59 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import shutil
 import sqlite3
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from factories import build_tiny_bundle, encode_png, image_for_part, serving
-from postgres_server import PostgresServer, PostgresUnavailable, start_postgres
-from processes import free_port
+from postgres_server import PostgresServer
 
-from service.store import Analysis, ResultsStore
+from loadtest.servers import free_port
+from service.store import MIGRATIONS_DIR, Analysis, ResultsStore
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    root = Path(tempfile.mkdtemp(prefix="bfd-pg-"))
-    try:
-        server = start_postgres(root)
-    except PostgresUnavailable as error:
-        shutil.rmtree(root, ignore_errors=True)
-        if os.environ.get("BFD_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required here (BFD_REQUIRE_POSTGRES=1) but cannot start: {error}")
-        pytest.skip(f"!!! PostgreSQL tests SKIPPED: cannot start a server: {error} !!!")
-    yield server
-    try:
-        server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/results.sqlite3"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres")
-    name = f"t{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
-    asyncio.run(_create_database(server, name))
-    yield server.url.rsplit("/", 1)[0] + f"/{name}"
-
-
-async def _create_database(server: PostgresServer, name: str) -> None:
-    import asyncpg
-
-    connection = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres", database="postgres")
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
 
 
 @pytest.fixture
@@ -163,7 +121,18 @@ async def test_results_survive_a_restart_and_the_schema_is_at_head(bundle: Path,
             version = (await connection.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar_one()
     assert again.status_code == 200
     assert again.json()["result"] == first["result"]
-    assert version == "0001"
+    assert version == _head_revision()
+
+
+def _head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None
+    return head
 
 
 async def test_unreachable_store_costs_only_storage_routes(bundle: Path) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 from factories import build_tiny_bundle, encode_png, image_for_part
-from processes import bfd_serve
+
+from loadtest.servers import bfd_serve
 
 pytestmark = pytest.mark.anyio
 

@@ -20,10 +20,10 @@ import httpx
 import pytest
 from factories import build_tiny_bundle, encode_png, image_for_part, serving
 from postgres_server import PostgresServer
-from processes import free_port
 from sqlalchemy import event
-from test_results_store import _listening, database_url, postgres  # noqa: F401 - fixtures shared with that module
+from test_results_store import _listening
 
+from loadtest.servers import free_port
 from service.store import MAX_ROW_NUMBER, NewAnalysis, ResultsStore, StoreUnavailableError
 
 pytestmark = pytest.mark.anyio

@@ -16,7 +16,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")
 
 from bfd.cli import main  # noqa: E402
-from service.bundle import load_bundle  # noqa: E402
+from inference.bundle import load_bundle  # noqa: E402
 from training.synthetic import make_synthetic  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ pytest.importorskip("tensorflow")
 import keras  # noqa: E402
 from factories import encode_png  # noqa: E402
 
-from training.dataset import ImageRecord  # noqa: E402
 from training.features import FeatureCache, backbone_fingerprint, extract_features  # noqa: E402
 from training.heads import FlipAugmentedFeatures, HeadConfig, TrainingError, predict_head, train_head  # noqa: E402
+from training.records import ImageRecord  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_cache_computes_each_content_once_skips_unreadable_and_is_reused(tmp_pat
     assert len(list(cache.directory.rglob("*.npy"))) == 3  # one entry per distinct content
     assert np.array_equal(first.features["copy.png"], first.features["0.png"])
     # row 1 is the mirror image's features: equal to running the extractor on the flipped pixels
-    from service.preprocessing import prepare_image_file
+    from inference.preprocessing import prepare_image_file
 
     pixels = prepare_image_file(paths[1]).pixels
     expected = extractor.predict_on_batch(np.stack([pixels, pixels[:, ::-1]]))

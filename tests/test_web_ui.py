@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, NoReturn
 import httpx
 import pytest
 from factories import build_tiny_bundle
-from processes import bfd_serve
+
+from loadtest.servers import bfd_serve
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, ConsoleMessage, Page

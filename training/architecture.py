@@ -1,6 +1,6 @@
 """The system's Keras models, built in one place for training and export alike.
 
-Every model takes the prepared image as `(N, 224, 224, 3) uint8` (see `service.preprocessing`) and does the
+Every model takes the prepared image as `(N, 224, 224, 3) uint8` (see `inference.preprocessing`) and does the
 'caffe' normalisation itself in its first layer, so training, export and serving share one preprocessing and
 the ONNX graph moves bytes, not floats.
 

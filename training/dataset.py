@@ -1,4 +1,4 @@
-"""Finding the training images on disk: MURA-v1.1 (with or without its CSVs) and the flat per-part layout.
+"""Finding the training images on disk: MURA-v1.1 (with or without its CSVs), the flat per-part layout, FracAtlas.
 
 This module owns the listing only: which image files exist, their body part, patient, study, label and (for
 MURA) which official split they came from. Decoding happens later, so an unreadable image is not detected
@@ -12,6 +12,8 @@ Layouts:
   with `{train,valid}_image_paths.csv` and `{train,valid}_labeled_studies.csv` inside `MURA-v1.1/` (their
   paths are relative to the folder containing `MURA-v1.1`). `root` may be `MURA-v1.1` itself or its parent.
 - flat: `<root>/[...]/<Part>/patientNNNNN/studyN_positive|negative/<image>.png|jpg|jpeg`.
+- FracAtlas: `dataset.csv` + `images/Fractured/` + `images/Non_fractured/` (read by `training.fracatlas`: the
+  region is the part, and each image is its own patient since FracAtlas has no patient ids).
 
 MURA's "positive" means abnormal in general; this project treats it as "fractured" (label 1).
 
@@ -30,6 +32,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from training import fracatlas
+from training.records import ORIGINS, DatasetError, ImageRecord, Origin, label_name, normalize_part
+
 log = logging.getLogger(__name__)
 
 # The same as training.architecture.DEFAULT_PARTS, repeated so this module does not import Keras.
@@ -40,26 +45,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 STUDY_PATTERN = re.compile(r"(study\d+)_(positive|negative)", re.IGNORECASE)
 PATIENT_PATTERN = re.compile(r"patient\w+", re.IGNORECASE)
 
-Origin = Literal["train", "valid"]
-ORIGINS: tuple[Origin, ...] = ("train", "valid")
-Layout = Literal["mura", "flat"]
-
-
-class DatasetError(ValueError):
-    """The data cannot be used at all: folder missing, no images, or a requested body part absent."""
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image file and what its location says about it."""
-
-    path: Path  # absolute path of the image file
-    relative_path: str  # posix path relative to Dataset.root (stable across machines; used in split files)
-    part: str  # lowercase, e.g. "elbow"
-    patient: str  # e.g. "patient00001" (MURA patient ids are shared across body parts: one person)
-    study: str  # unique study key, e.g. "elbow/patient00001/study1"
-    label: int  # 1 fractured (positive), 0 normal (negative)
-    origin: Origin | None  # MURA's official split, when the path or CSV says so
+Layout = Literal["mura", "flat", "fracatlas"]
 
 
 @dataclass
@@ -77,16 +63,6 @@ class Dataset:
     def parts(self) -> list[str]:
         """The body parts of the records (the requested ones that were found)."""
         return sorted({record.part for record in self.records})
-
-
-def normalize_part(name: str) -> str:
-    """`XR_ELBOW`, `Elbow` and `elbow` all name the same part: lowercase without MURA's `XR_` prefix."""
-    return name.strip().lower().removeprefix("xr_")
-
-
-def label_name(label: int) -> str:
-    """The words used in split files and reports, so nobody has to remember which of 0/1 is which."""
-    return "fractured" if label == 1 else "normal"
 
 
 @dataclass(frozen=True)
@@ -321,9 +297,14 @@ def read_dataset(root: str | Path, parts: Sequence[str] | None = DEFAULT_PARTS) 
         raise DatasetError(f"dataset folder {given} does not exist or is not a folder")
     requested = _requested_parts(parts)
     problems: list[str] = []
+
+    fracatlas_root = fracatlas.find_root(given)
     mura_dir = _find_mura_dir(given)
     layout: Layout
-    if mura_dir is not None:
+    if fracatlas_root is not None:
+        base, layout = fracatlas_root, "fracatlas"
+        records = fracatlas.training_records(fracatlas_root, problems)
+    elif mura_dir is not None:
         base, layout = mura_dir.parent, "mura"
         records = _read_mura(mura_dir, base, problems)
     else:
@@ -332,7 +313,8 @@ def read_dataset(root: str | Path, parts: Sequence[str] | None = DEFAULT_PARTS) 
     synthetic = any((folder / SYNTHETIC_MARKER).is_file() for folder in {given, base})
     if not records:
         raise DatasetError(
-            f"no images found under {given}: expected MURA-v1.1 or <part>/patient*/studyN_positive|negative/*.png"
+            f"no images found under {given}: expected MURA-v1.1, FracAtlas or "
+            "<part>/patient*/studyN_positive|negative/*.png"
         )
     records.sort(key=lambda record: record.relative_path)
     _check_studies(records, problems)

@@ -1,6 +1,9 @@
 """`bfd evaluate`: the ONNX bundle (not Keras) on the test split, scored the way clinicians read results.
 
-The images go through `service.preprocessing` and `service.pipeline.predict_batch`, i.e. exactly the code that
+A FracAtlas folder is an external test set instead: `bfd evaluate` hands it to `training.external` (per-region
+metrics on true fracture labels, abstention on regions the bundle does not cover, Grad-CAM localisation).
+
+The images go through `inference.preprocessing` and `inference.pipeline.predict_batch`, i.e. exactly the code that
 serves, twice: once routed (the product's answer, router errors included) and once with the true body part as
 hint (each specialist judged on its own part). Metrics: body-part accuracy and confusion; per part accuracy,
 sensitivity, specificity (Wilson 95% intervals), AUROC and Cohen's kappa (patient-level bootstrap 95%
@@ -16,21 +19,28 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from service.bundle import Manifest, load_bundle
-from service.engine import Engine
-from service.pipeline import predict_batch
-from service.preprocessing import ImageError, prepare_image_file
+from inference.bundle import Manifest, load_bundle
+from inference.engine import Engine
+from inference.pipeline import predict_batch
+from inference.preprocessing import ImageError, prepare_image_file
 from training import metrics
-from training.dataset import ImageRecord, read_dataset
-from training.evaluation_report import write_figures, write_markdown
-from training.splits import SplitMode, assign_splits, read_split_file
+from training.dataset import read_dataset
+from training.evaluate_options import EvaluateOptions, EvaluationError
+from training.evaluation_report import (
+    UNTRAINED_REPORT_WARNING,
+    Predictions,
+    bundle_facts,
+    write_figures,
+    write_markdown,
+)
+from training.records import ImageRecord
+from training.splits import assign_splits, read_split_file
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +48,6 @@ MURA_NOTE = (
     "MURA's positive label means 'abnormal' (fracture, hardware, degenerative joint disease, lesions, ...), "
     "not strictly 'fracture': on MURA these figures measure abnormality detection."
 )
-
-
-class EvaluationError(ValueError):
-    """Nothing to evaluate, or data that does not fit the bundle."""
-
-
-@dataclass(frozen=True)
-class EvaluateOptions:
-    data: Path
-    bundle: Path
-    out: Path
-    split_file: Path | None = None  # the training run's split.csv (recommended); else the split is recomputed
-    split: SplitMode = "patient"
-    seed: int = 0
-    batch_size: int = 16
-    n_resamples: int = 1000
-    providers: tuple[str, ...] | None = None
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Model outputs for the evaluated images, aligned with `records`."""
-
-    records: list[ImageRecord]
-    router_probs: np.ndarray  # (N, P) float
-    p_true_part: np.ndarray  # (N,) P(fractured) from the true part's specialist
-    p_routed: np.ndarray  # (N,) P(fractured) from the routed part's specialist
 
 
 def evaluate(options: EvaluateOptions) -> tuple[dict[str, Any], list[Path]]:
@@ -199,20 +181,16 @@ def build_report(
         study_labels, study_scores, study_patients = _study_arrays(part_records, image_scores)
         per_part[part] = {
             "thresholds": thresholds.model_dump(),
-            "image_level": _level(
+            "image_level": metrics.level_metrics(
                 labels[rows], image_scores, [patients[i] for i in rows], thresholds, n_resamples, seed
             ),
-            "study_level": _level(study_labels, study_scores, study_patients, thresholds, n_resamples, seed),
+            "study_level": metrics.level_metrics(
+                study_labels, study_scores, study_patients, thresholds, n_resamples, seed
+            ),
         }
     report: dict[str, Any] = {
-        "bundle": {
-            "name": manifest.name,
-            "version": manifest.version,
-            "trained": manifest.trained,
-            "precision": manifest.precision,
-            "graph": manifest.graph.form,
-        },
-        "warnings": [] if manifest.trained else ["UNTRAINED MODEL: these figures are meaningless as results."],
+        "bundle": bundle_facts(manifest),
+        "warnings": [] if manifest.trained else [UNTRAINED_REPORT_WARNING],
         "note": MURA_NOTE,
         "intervals": {
             "proportions": "Wilson score 95%",
@@ -243,24 +221,6 @@ def _bootstrapped(
         high=None if interval is None else interval[1],
         method=f"patient bootstrap ({n_resamples} resamples)",
     ).as_dict()
-
-
-def _level(
-    labels: np.ndarray, scores: np.ndarray, patients: list[str], thresholds: Any, n_resamples: int, seed: int
-) -> dict[str, Any]:
-    level = metrics.binary_report(labels, scores, thresholds.decision, patients, n_resamples=n_resamples, seed=seed)
-    level["operating_points"] = {}
-    for name in ("high_sensitivity", "high_specificity"):
-        threshold = getattr(thresholds, name)
-        if threshold is None:
-            continue
-        confusion = metrics.binary_confusion(labels, (scores >= threshold).astype(np.int64))
-        level["operating_points"][name] = {
-            "threshold": threshold,
-            "sensitivity": metrics.proportion(confusion.tp, confusion.tp + confusion.fn).as_dict(),
-            "specificity": metrics.proportion(confusion.tn, confusion.tn + confusion.fp).as_dict(),
-        }
-    return level
 
 
 def _test_set(records: Sequence[ImageRecord], parts: list[str]) -> dict[str, Any]:

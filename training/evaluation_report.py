@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from training.plots import plot_confusions, plot_roc, roc_points
+from training.records import ImageRecord
 
-if TYPE_CHECKING:
-    from training.evaluate import Predictions
+UNTRAINED_REPORT_WARNING = "UNTRAINED MODEL: these figures are meaningless as results."
+
+
+def bundle_facts(manifest: Any) -> dict[str, Any]:
+    """What every evaluation report says about the bundle it judged (an untrained one is flagged)."""
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "trained": manifest.trained,
+        "precision": manifest.precision,
+        "graph": manifest.graph.form,
+    }
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for the evaluated images, aligned with `records`."""
+
+    records: list[ImageRecord]
+    router_probs: np.ndarray  # (N, P) float
+    p_true_part: np.ndarray  # (N,) P(fractured) from the true part's specialist
+    p_routed: np.ndarray  # (N,) P(fractured) from the routed part's specialist
 
 
 def write_figures(report: dict[str, Any], predictions: Predictions, out: Path) -> list[Path]:
@@ -44,7 +66,7 @@ def write_figures(report: dict[str, Any], predictions: Predictions, out: Path) -
             grouped.setdefault(predictions.records[i].study, []).append(i)
         labels = np.asarray([predictions.records[g[0]].label for g in grouped.values()])
         scores = np.asarray([np.mean(predictions.p_true_part[g]) for g in grouped.values()])
-        name = f"{part} (AUROC {_number(report['per_part'][part]['study_level']['auroc']['value'])})"
+        name = f"{part} (AUROC {format_number(report['per_part'][part]['study_level']['auroc']['value'])})"
         curves[name] = roc_points(labels, scores)
         points[name] = {}
         for label, op in report["per_part"][part]["study_level"]["operating_points"].items():
@@ -55,15 +77,15 @@ def write_figures(report: dict[str, Any], predictions: Predictions, out: Path) -
     return figures
 
 
-def _number(value: float | None, digits: int = 3) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _estimate(entry: dict[str, Any]) -> str:
+def format_estimate(entry: dict[str, Any]) -> str:
     """'0.912 (0.85–0.95)' plus the counts for proportions."""
-    text = _number(entry.get("value"))
+    text = format_number(entry.get("value"))
     if entry.get("low") is not None and entry.get("high") is not None:
-        text += f" ({_number(entry['low'])}–{_number(entry['high'])})"
+        text += f" ({format_number(entry['low'])}–{format_number(entry['high'])})"
     if entry.get("denominator"):
         text += f" [{entry['numerator']}/{entry['denominator']}]"
     return text
@@ -101,7 +123,7 @@ def write_markdown(report: dict[str, Any], figures: list[Path], path: Path) -> P
     lines += ["", f"Unreadable images skipped: {len(skipped)}.", "", "## Body part (router)", ""]
     body = report["body_part"]
     lines += [
-        f"Accuracy {_estimate(body['accuracy'])}; Cohen's kappa {_estimate(body['kappa'])}.",
+        f"Accuracy {format_estimate(body['accuracy'])}; Cohen's kappa {format_estimate(body['kappa'])}.",
         "",
         "| true \\ predicted | " + " | ".join(body["labels"]) + " |",
         "|---" * (len(body["labels"]) + 1) + "|",
@@ -123,16 +145,17 @@ def write_markdown(report: dict[str, Any], figures: list[Path], path: Path) -> P
             m = entry[level]
             c = m["confusion"]
             lines.append(
-                f"| {part} | {m['n']} | {m['threshold']:.3f} | {_estimate(m['accuracy'])} | "
-                f"{_estimate(m['sensitivity'])} | {_estimate(m['specificity'])} | {_estimate(m['auroc'])} | "
-                f"{_estimate(m['kappa'])} | {c['tp']}/{c['fn']}/{c['tn']}/{c['fp']} |"
+                f"| {part} | {m['n']} | {m['threshold']:.3f} | {format_estimate(m['accuracy'])} | "
+                f"{format_estimate(m['sensitivity'])} | {format_estimate(m['specificity'])} | "
+                f"{format_estimate(m['auroc'])} | {format_estimate(m['kappa'])} | "
+                f"{c['tp']}/{c['fn']}/{c['tn']}/{c['fp']} |"
             )
         lines += ["", "Operating points:", ""]
         for part, entry in report["per_part"].items():
             for name, op in entry.get(level, {}).get("operating_points", {}).items():
                 lines.append(
                     f"- {part}, {name.replace('_', '-')} (threshold {op['threshold']:.3f}): sensitivity "
-                    f"{_estimate(op['sensitivity'])}, specificity {_estimate(op['specificity'])}"
+                    f"{format_estimate(op['sensitivity'])}, specificity {format_estimate(op['specificity'])}"
                 )
         lines.append("")
     lines += ["## Routed pipeline, end to end (router errors included)", ""]
@@ -140,8 +163,8 @@ def write_markdown(report: dict[str, Any], figures: list[Path], path: Path) -> P
         count = entry.get("images", entry.get("studies"))
         lines.append(
             f"- {level.replace('_', ' ')}: {count} cases, router errors {entry['router_errors']}; accuracy "
-            f"{_estimate(entry['accuracy'])}, sensitivity {_estimate(entry['sensitivity'])}, specificity "
-            f"{_estimate(entry['specificity'])}"
+            f"{format_estimate(entry['accuracy'])}, sensitivity {format_estimate(entry['sensitivity'])}, specificity "
+            f"{format_estimate(entry['specificity'])}"
         )
     lines += ["", "## Figures", ""]
     lines += [f"![{figure.stem}]({figure.name})" for figure in figures]

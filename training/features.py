@@ -25,9 +25,9 @@ import keras
 import numpy as np
 from tqdm import tqdm
 
-from service.preprocessing import ImageError, ResizeMethod, prepare_image
+from inference.preprocessing import ImageError, ResizeMethod, prepare_image
 from training.architecture import FEATURE_DIM, IMAGE_SIZE, PREPROCESSING_NAME, CaffePreprocessing
-from training.dataset import ImageRecord
+from training.records import ImageRecord
 
 log = logging.getLogger(__name__)
 

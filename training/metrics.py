@@ -381,3 +381,22 @@ def binary_report(
             cohen_kappa(truth, predicted), lambda idx: cohen_kappa(truth[idx], predicted[idx])
         ).as_dict(),
     }
+
+
+def level_metrics(
+    labels: np.ndarray, scores: np.ndarray, patients: list[str], thresholds: Any, n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """binary_report at the decision threshold plus sensitivity/specificity at each operating point the bundle has."""
+    level = binary_report(labels, scores, thresholds.decision, patients, n_resamples=n_resamples, seed=seed)
+    level["operating_points"] = {}
+    for name in ("high_sensitivity", "high_specificity"):
+        threshold = getattr(thresholds, name)
+        if threshold is None:
+            continue
+        confusion = binary_confusion(labels, (scores >= threshold).astype(np.int64))
+        level["operating_points"][name] = {
+            "threshold": threshold,
+            "sensitivity": proportion(confusion.tp, confusion.tp + confusion.fn).as_dict(),
+            "specificity": proportion(confusion.tn, confusion.tn + confusion.fp).as_dict(),
+        }
+    return level

@@ -24,7 +24,7 @@ from training.architecture import (
     build_backbone,
     build_classifier,
 )
-from training.dataset import DEFAULT_PARTS, Dataset, ImageRecord, read_dataset
+from training.dataset import DEFAULT_PARTS, Dataset, read_dataset
 from training.features import (
     ExtractionResult,
     FeatureCache,
@@ -35,6 +35,7 @@ from training.features import (
 )
 from training.heads import HeadConfig, TrainedHead, TrainingError, predict_head, train_head
 from training.plots import plot_history
+from training.records import ImageRecord
 from training.splits import (
     SplitMode,
     assign_splits,

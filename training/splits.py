@@ -13,6 +13,10 @@ Two modes:
   train set is split by patient into train/val the same stratified way.
 
 The split file (CSV) lists every image with its split, so a run can be reproduced and audited later.
+
+Data without patient ids (FracAtlas) names each image as its own patient (`image:<id>`, IMAGE_GROUP_PREFIX), so
+the same code splits it by image, stratified by part and label; its split file then carries a `split_unit`
+column saying `image`, because such a split is weaker (two films of one patient can land in two splits).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from training.dataset import ImageRecord, label_name
+from training.records import ImageRecord, label_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.72, 0.18, 0.10)
 SPLIT_FILE_COLUMNS = ("relative_path", "part", "patient", "study", "label", "origin", "split")
 LABEL_NAMES = ("fractured", "normal")
+IMAGE_GROUP_PREFIX = "image:"  # a record whose patient is unknown is its own group: the split is by image
+SPLIT_UNIT_COLUMN = "split_unit"  # written only for image-level records; readers ignore it
 SplitMode = Literal["patient", "mura"]
 
 
@@ -228,25 +234,31 @@ def format_counts(
 
 
 def write_split_file(path: Path, records: Sequence[ImageRecord], splits: Sequence[str]) -> None:
-    """Write every image with its split (CSV, header SPLIT_FILE_COLUMNS), so the split can be reused and audited."""
+    """Write every image with its split (CSV, header SPLIT_FILE_COLUMNS), so the split can be reused and audited.
+
+    When any record has no patient id (IMAGE_GROUP_PREFIX), a `split_unit` column says, per row, whether the
+    row was split by patient or by image, so nobody mistakes an image-level split for a patient-level one.
+    """
     check_patients_disjoint(records, splits)
+    by_image = any(record.patient.startswith(IMAGE_GROUP_PREFIX) for record in records)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(SPLIT_FILE_COLUMNS)
+        writer.writerow((*SPLIT_FILE_COLUMNS, SPLIT_UNIT_COLUMN) if by_image else SPLIT_FILE_COLUMNS)
         for record, split in zip(records, splits, strict=True):
-            writer.writerow(
-                (
-                    record.relative_path,
-                    record.part,
-                    record.patient,
-                    record.study,
-                    label_name(record.label),
-                    record.origin or "",
-                    split,
-                )
+            row: tuple[str, ...] = (
+                record.relative_path,
+                record.part,
+                record.patient,
+                record.study,
+                label_name(record.label),
+                record.origin or "",
+                split,
             )
+            if by_image:
+                row += ("image" if record.patient.startswith(IMAGE_GROUP_PREFIX) else "patient",)
+            writer.writerow(row)
 
 
 def read_split_file(path: Path, root: Path) -> tuple[list[ImageRecord], list[str]]:

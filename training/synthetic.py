@@ -24,7 +24,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from training.dataset import DEFAULT_PARTS, MURA_FOLDER, SYNTHETIC_MARKER, normalize_part
+from training.dataset import DEFAULT_PARTS, MURA_FOLDER, SYNTHETIC_MARKER
+from training.records import normalize_part
 
 log = logging.getLogger(__name__)
 

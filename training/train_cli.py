@@ -1,4 +1,4 @@
-"""`bfd train`: train the router and one fracture specialist per body part on MURA (or its flat layout)."""
+"""`bfd train`: train the router and one fracture specialist per body part on MURA (or its flat layout) or FracAtlas."""
 
 from __future__ import annotations
 
@@ -11,19 +11,24 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="MURA-v1.1 (or its parent), or a flat Dataset/<Part>")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="MURA-v1.1 (or its parent), a flat Dataset/<Part>, or FracAtlas"
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder to write (then: bfd export --keras-dir)")
     parser.add_argument(
         "--weights", default="imagenet", help="backbone: 'imagenet', 'none' (random: tests/demos only) or an .h5 file"
     )
     parser.add_argument(
-        "--parts", nargs="+", default=["elbow", "hand", "shoulder"], help="body parts to train; 'all' for every part"
+        "--parts",
+        nargs="+",
+        help="body parts to train; 'all' for every part (default: elbow hand shoulder; on FracAtlas every region)",
     )
     parser.add_argument(
         "--split",
         choices=["patient", "mura"],
         default="patient",
-        help="patient: 72/18/10 by patient (default); mura: MURA train -> train/val by patient, MURA valid -> test",
+        help="patient: 72/18/10 by patient (default; FracAtlas has no patient ids: by image); "
+        "mura: MURA train -> train/val by patient, MURA valid -> test",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default $BFD_CACHE_DIR or ~/.cache/bfd)")
@@ -41,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from training.architecture import WeightsUnavailableError
-    from training.dataset import DatasetError
+    from training.dataset import DEFAULT_PARTS
+    from training.fracatlas import SPLIT_UNIT_NOTE, is_fracatlas
     from training.heads import HeadConfig, TrainingError
+    from training.records import DatasetError
     from training.run import TrainOptions, train
     from training.splits import SplitError, format_counts
 
@@ -53,11 +60,18 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.epochs <= 25:
         log.error("--epochs must be between 1 and 25 (the system's limit), got %d", args.epochs)
         return 2
+    fracatlas = is_fracatlas(args.data)
+    if fracatlas and args.split == "mura":
+        log.error("--split mura needs MURA's train/valid folders; %s is FracAtlas: use --split patient", args.data)
+        return 2
+    requested = [p.lower() for p in args.parts] if args.parts else None
+    # FracAtlas's regions are not MURA's parts, so its default is every region it holds.
+    parts = None if requested == ["all"] or (requested is None and fracatlas) else tuple(requested or DEFAULT_PARTS)
     options = TrainOptions(
         data=args.data,
         out=args.out,
         weights=None if args.weights.lower() == "none" else args.weights,
-        parts=None if [p.lower() for p in args.parts] == ["all"] else tuple(args.parts),
+        parts=parts,
         split=args.split,
         seed=args.seed,
         cache_root=args.cache_dir,
@@ -75,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, SplitError, TrainingError, WeightsUnavailableError) as error:
         log.error("training failed: %s", error)
         return 2
-    print(format_counts(result.counts, result.patients))
+    # Without patient ids every image is its own 'patient': a patients row would only repeat the image counts.
+    print(format_counts(result.counts, None if fracatlas else result.patients))
+    if fracatlas:
+        print(SPLIT_UNIT_NOTE)
     features = result.extraction.summary()
     print(
         f"features: {features['computed']} images computed, {features['reused']} reused from the cache, "

@@ -11,6 +11,7 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
+import service.outbox  # noqa: F401  (its table joins the metadata)
 from service.store import Base
 
 config = context.config

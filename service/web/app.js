@@ -103,10 +103,6 @@ async function loadModel() {
   info.dataset.version = model.version;
   const banner = document.getElementById("untrained-banner");
   banner.hidden = model.trained !== false;
-  const untrainedWarning = (model.warnings || []).find((w) => w.startsWith("UNTRAINED"));
-  if (untrainedWarning) {
-    document.getElementById("untrained-detail").textContent = untrainedWarning.replace(/^UNTRAINED MODEL:\s*/, "");
-  }
   const select = document.getElementById("body-part");
   const chosen = select.value;
   // Called again after an API key is entered: rebuild the list rather than append to it.
@@ -240,6 +236,12 @@ function renderReport(record, { originalUrl = null } = {}) {
       result.abstention_reason || "the model is out of its depth on this image"));
   }
 
+  // The answer in words: the core's own sentences, the same the desktop and the DICOM outputs show.
+  const summary = (result.summary && result.summary.lines) || [];
+  if (summary.length) {
+    card.append(h("ul", { class: "summary", dataset: { testid: "summary" }, "aria-label": "Summary" },
+      summary.map((line) => h("li", {}, line))));
+  }
   card.append(h("dl", { class: "facts" },
     bodyPartFacts(result.body_part),
     fractureFacts(result.fracture, result.abstained, untrained),

@@ -1,0 +1,1 @@
+"""The DICOM node: a door onto the core for PACS traffic (DIMSE and DICOMweb)."""

@@ -1,0 +1,25 @@
+"""What the DICOM node needs to know, as plain data (the service fills it from its `BFD_DICOM_*` settings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULT_KINDS = ("sr", "gsps", "sc")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    destination: str  # 'AETITLE@host:port' (C-STORE) or an http(s) DICOMweb base URL (STOW-RS)
+    port: int | None = None  # the storage SCP's port; None: no DIMSE listener (STOW-RS in only)
+    host: str = "127.0.0.1"
+    ae_title: str = "BFD"
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles let in; empty: any
+    quiet_s: float = 5.0  # a study is answered when no instance of it arrived for this long...
+    study_max_instances: int = 16  # ...or when it holds this many (the rest start a new batch)
+    held_bytes_budget: int = 500_000_000  # instances received and not yet answered; more: 'out of resources'
+    outputs: tuple[str, ...] = RESULT_KINDS
+    audit_log: Path = field(default_factory=lambda: Path("bfd-dicom-audit.jsonl"))
+    delivery_timeout_s: float = 30.0
+    retry_initial_s: float = 2.0
+    retry_max_s: float = 300.0

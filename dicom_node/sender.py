@@ -1,0 +1,150 @@
+"""The delivery loop: takes what is due from the outbox, sends it, and records each attempt.
+
+Results are sent in batches (one association or one STOW-RS request per destination and round); a batch
+that fails for a reason that may pass (destination down, out of resources) is retried with back-off
+(`retry_initial_s` doubling to `retry_max_s`); a permanent refusal of a batch is retried one object at a
+time, so one bad object cannot hold back the others, and an object refused on its own is given up (kept in
+the outbox and the audit with the reason). A database outage only delays the loop. Each attempt goes to
+the audit log. `wake()` starts a round at once (new results); otherwise the loop looks every `poll_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from dicom_node.audit import AuditLog
+from dicom_node.delivery import DeliveryError, Destination, deliver
+from dicom_node.outbox import Claimed, Outbox
+
+log = logging.getLogger(__name__)
+
+BATCH = 32
+POLL_S = 1.0
+
+
+class DeliveryLoop:
+    def __init__(
+        self,
+        outbox: Outbox,
+        audit: AuditLog,
+        destinations: Sequence[Destination],
+        *,
+        calling_ae: str,
+        timeout_s: float,
+        retry_initial_s: float,
+        retry_max_s: float,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self.outbox = outbox
+        self.audit = audit
+        # the outbox names a destination by `describe()` (no credentials); the configured ones are known by it
+        self.destinations = {d.describe(): d for d in destinations}
+        self.calling_ae = calling_ae
+        self.timeout_s = timeout_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.poll_s = poll_s
+        self.lease_s = max(60.0, 4 * timeout_s)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.idle = asyncio.Event()  # set when a round found nothing due (tests and shutdown wait on it)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dicom-delivery")
+
+    def wake(self) -> None:
+        self.idle.clear()
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop after the attempt in progress; what is not delivered stays in the outbox for the next start."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                sent = await self.round()
+            except Exception as error:  # the store is down (it backs off itself) or something unexpected
+                log.warning("DICOM delivery round failed (%s: %s); retrying", type(error).__name__, error)
+                sent = 0
+            if sent == 0:
+                self.idle.set()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_s):
+                        await self._wake.wait()
+                self._wake.clear()
+
+    async def round(self) -> int:
+        """One round: claim what is due and try it; returns how many entries were tried."""
+        now = datetime.now(UTC)
+        claimed = await self.outbox.claim(BATCH, now, self.lease_s)
+        by_destination: dict[str, list[Claimed]] = defaultdict(list)
+        for entry in claimed:
+            by_destination[entry.destination].append(entry)
+        for destination, entries in by_destination.items():
+            await self._send(destination, entries, one_by_one_on_refusal=True)
+        return len(claimed)
+
+    async def _send(self, destination: str, entries: Sequence[Claimed], *, one_by_one_on_refusal: bool) -> None:
+        uids = [e.sop_instance_uid for e in entries]
+        try:
+            target = self.destinations.get(destination) or Destination.parse(destination)
+            delivered = await asyncio.to_thread(
+                deliver, target, [e.payload for e in entries], calling_ae=self.calling_ae, timeout_s=self.timeout_s
+            )
+        except DeliveryError as error:
+            if not error.retriable and one_by_one_on_refusal and len(entries) > 1:
+                for entry in entries:
+                    await self._send(destination, [entry], one_by_one_on_refusal=False)
+                return
+            attempts = max(e.attempts for e in entries) + 1
+            retry_at = None
+            if error.retriable:
+                delay = min(self.retry_max_s, self.retry_initial_s * 2 ** (attempts - 1))
+                retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+            await self.outbox.failed([e.id for e in entries], error.reason, retry_at)
+            self._audit(entries, destination, "retry" if error.retriable else "refused", error.reason, attempts)
+            log.warning(
+                "DICOM delivery of %d object(s) to %s failed (%s)%s",
+                len(entries),
+                destination,
+                error.reason,
+                f"; retrying at {retry_at:%H:%M:%S}" if retry_at else "; given up",
+            )
+            return
+        except ValueError as error:  # a destination that no longer parses: nothing will ever deliver it
+            await self.outbox.failed([e.id for e in entries], str(error), None)
+            self._audit(entries, destination, "refused", str(error), max(e.attempts for e in entries) + 1)
+            return
+        statuses = ",".join(sorted({_status(d.status, target.kind) for d in delivered}))
+        await self.outbox.delivered([e.id for e in entries], f"delivered ({statuses})", datetime.now(UTC))
+        self._audit(entries, destination, "delivered", statuses, max(e.attempts for e in entries) + 1)
+        log.info("DICOM delivery: %d object(s) to %s", len(uids), destination)
+
+    def _audit(self, entries: Sequence[Claimed], destination: str, outcome: str, status: str, attempt: int) -> None:
+        self.audit.write(
+            "delivery",
+            study_ref=sorted({e.study_ref for e in entries}),
+            destination=destination,
+            sop_instance_uids=[e.sop_instance_uid for e in entries],
+            outcome=outcome,
+            status=status,
+            attempt=attempt,
+        )
+
+
+def _status(status: int | None, kind: str) -> str:
+    """A DIMSE status in hex, an HTTP status (STOW-RS) as a number."""
+    if status is None:
+        return "ok"
+    return f"{status:#06x}" if kind == "dimse" else f"HTTP {status}"

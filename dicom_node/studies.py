@@ -1,0 +1,128 @@
+"""Instances grouped into studies: a study is answered once it has been quiet, or once it is big enough.
+
+PACS send a study as a stream of C-STORE requests (or STOW-RS parts) with no "end of study" marker, so the
+node waits until no new instance of that Study Instance UID arrived for `quiet_s`, or until it holds
+`max_instances` (the rest of the study then starts a new group and gets its own results). The same SOP
+Instance UID sent twice while its study waits is kept once. Bytes held are counted, so the door can refuse
+('out of resources') before memory runs out; they are released when the study's analysis is over.
+Everything here runs on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Door = Literal["dimse", "stow-rs"]
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One instance as it arrived (Part 10 bytes), with where it came from; no patient data outside `data`."""
+
+    study_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    data: bytes
+    door: Door
+    calling_ae: str | None = None
+    peer: str | None = None
+
+
+@dataclass
+class ReceivedStudy:
+    """A group of one study's instances, answered together. `ref` names it in the audit and the outbox."""
+
+    study_uid: str
+    instances: dict[str, ReceivedInstance] = field(default_factory=dict)  # by SOP Instance UID
+    ref: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(instance.data) for instance in self.instances.values())
+
+
+OnStudy = Callable[[ReceivedStudy], Awaitable[None]]
+
+
+class StudyCollector:
+    """Groups instances by study and hands each group to `on_study` when it is quiet or full."""
+
+    def __init__(self, on_study: OnStudy, *, quiet_s: float, max_instances: int, held_bytes_budget: int) -> None:
+        if quiet_s < 0 or max_instances < 1 or held_bytes_budget < 1:
+            raise ValueError("quiet_s >= 0, max_instances >= 1 and held_bytes_budget >= 1 are needed")
+        self.on_study = on_study
+        self.quiet_s = quiet_s
+        self.max_instances = max_instances
+        self.held_bytes_budget = held_bytes_budget
+        self._open: dict[str, ReceivedStudy] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._held = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of instances received and not yet answered (waiting or being analysed)."""
+        return self._held
+
+    @property
+    def waiting_studies(self) -> int:
+        return len(self._open)
+
+    def can_hold(self, size: int) -> bool:
+        return self._held + size <= self.held_bytes_budget
+
+    def add(self, instance: ReceivedInstance) -> None:
+        """Take one instance (the door checked `can_hold` first); it is answered with its study."""
+        study = self._open.get(instance.study_uid)
+        if study is None:
+            study = self._open[instance.study_uid] = ReceivedStudy(instance.study_uid)
+        previous = study.instances.get(instance.sop_instance_uid)
+        if previous is not None:
+            self._held -= len(previous.data)
+        study.instances[instance.sop_instance_uid] = instance
+        self._held += len(instance.data)
+        if len(study.instances) >= self.max_instances:
+            self._close(instance.study_uid)
+            return
+        timer = self._timers.pop(instance.study_uid, None)
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[instance.study_uid] = loop.call_later(self.quiet_s, self._close, instance.study_uid)
+
+    def _close(self, study_uid: str) -> None:
+        timer = self._timers.pop(study_uid, None)
+        if timer is not None:
+            timer.cancel()
+        study = self._open.pop(study_uid, None)
+        if study is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(study), name=f"study-{study.ref}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _answer(self, study: ReceivedStudy) -> None:
+        try:
+            await self.on_study(study)
+        except Exception:  # the handler reports its own failures; this only keeps the collector alive
+            log.exception("study %s: analysis failed", study.ref)
+        finally:
+            self._held -= study.held_bytes
+
+    async def flush(self) -> None:
+        """Answer every waiting study now and wait for all analyses (shutdown: nothing received is dropped)."""
+        for study_uid in list(self._open):
+            self._close(study_uid)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until every study handed over so far has been answered."""
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)

@@ -1,0 +1,98 @@
+"""Patient and study identity: the source's, exactly, in every result object.
+
+A PACS files an object by its patient and study, so each result object carries the source's Patient module
+(PS3.3 C.7.1.1) and General Study module (C.7.2.1) attributes element for element, and Specific Character
+Set (0008,0005) as the source has it. Only what the source has: an attribute it lacks (even a Type 2 one,
+such as Patient's Birth Date) stays absent, so a result never says more about a patient than its source did.
+
+highdicom's constructors read these attributes from a reference dataset, check and re-encode them; they are
+given a header-only stand-in instead (`stand_in`: no pixel data, UTF-8, patient and study values empty), and
+`restore_identity` then puts the source's own elements in. The source's PersonName values keep the bytes
+they were read with, so under the same character set 'Müller^Jürgen' (ISO_IR 192) or '山田^太郎'
+(ISO 2022 IR 87) is written byte for byte as received.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from pydicom.dataset import Dataset
+
+PATIENT_MODULE = (
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
+    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroup", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+)  # fmt: skip
+GENERAL_STUDY_MODULE = (
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "RequestingService", "RequestingServiceCodeSequence",
+    "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+)  # fmt: skip
+IDENTITY = (*PATIENT_MODULE, *GENERAL_STUDY_MODULE)
+# What highdicom's constructors read as attributes (a missing one raises there): empty in the stand-in.
+_READ_BY_HIGHDICOM = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
+    "StudyTime", "ReferringPhysicianName",
+)  # fmt: skip
+# What references, presentation states and display need of the image: never pixel data.
+IMAGE_HEADER = (
+    "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns", "SamplesPerPixel",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    "NumberOfFrames", "PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio", "RescaleSlope",
+    "RescaleIntercept", "RescaleType", "ModalityLUTSequence", "WindowCenter", "WindowWidth",
+    "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence", "PatientOrientation",
+)  # fmt: skip
+CONSTRUCTION_CHARSET = "ISO_IR 192"  # UTF-8 holds any decoded value; the source's own set is restored after
+
+
+def stand_in(source: Dataset) -> Dataset:
+    """A header-only stand-in of `source` for highdicom's constructors: image header, UIDs, no pixels.
+
+    Patient and study values are left empty: highdicom would parse and check them (a date it cannot read, a
+    sex outside M/F/O would refuse the whole object), and `restore_identity` copies the source's anyway.
+    """
+    out = Dataset()
+    for keyword in ("StudyInstanceUID", *IMAGE_HEADER):
+        if keyword in source:
+            out[keyword] = copy.deepcopy(source[keyword])
+    for keyword in _READ_BY_HIGHDICOM:
+        setattr(out, keyword, None)
+    out.SpecificCharacterSet = CONSTRUCTION_CHARSET
+    return out
+
+
+def restore_identity(out: Dataset, source: Dataset) -> None:
+    """Make `out`'s patient, study and character set exactly the source's (absent where the source has none).
+
+    StudyInstanceUID is kept in `out` when the source has none (a builder that tolerates that gave it one).
+    """
+    for keyword in IDENTITY:
+        if keyword == "StudyInstanceUID" and keyword not in source:
+            continue
+        if keyword in out:
+            del out[keyword]
+        if keyword in source:
+            out[keyword] = copy.deepcopy(source[keyword])
+    if "SpecificCharacterSet" in out:
+        del out["SpecificCharacterSet"]
+    if "SpecificCharacterSet" in source:
+        out["SpecificCharacterSet"] = copy.deepcopy(source["SpecificCharacterSet"])
+
+
+def require(source: Dataset, *keywords: str) -> None:
+    """ValueError naming the first of `keywords` the source lacks (what a reference to it cannot do without)."""
+    for keyword in keywords:
+        if not source.get(keyword):
+            name = source.get("SOPInstanceUID", "a source without SOP Instance UID")
+            raise ValueError(f"{name}: a result object needs the source's {keyword}; it has none")

@@ -1,0 +1,141 @@
+"""The node's study grouping and its STOW-RS body parsing, without a network: quiet time, the instance
+count, duplicates, the held-bytes budget, flush on shutdown; multipart/related parts and the store response."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dicom_node.stow import (
+    FailedInstance,
+    StoredInstance,
+    StowRequestError,
+    dicom_parts,
+    store_response,
+    warning_text,
+)
+from dicom_node.studies import ReceivedInstance, ReceivedStudy, StudyCollector
+
+pytestmark = pytest.mark.anyio
+
+
+def _instance(study: str, sop: str, size: int = 10) -> ReceivedInstance:
+    return ReceivedInstance(study, "1.2.840.10008.5.1.4.1.1.1", sop, b"x" * size, "dimse", "ORTHANC", "127.0.0.1")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.studies: list[ReceivedStudy] = []
+        self.arrived = asyncio.Event()
+
+    async def __call__(self, study: ReceivedStudy) -> None:
+        self.studies.append(study)
+        self.arrived.set()
+
+
+async def test_a_study_is_answered_once_quiet_with_every_instance_once() -> None:
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=0.2, max_instances=100, held_bytes_budget=10_000)
+    for sop in ("1", "2", "2", "3"):  # "2" twice: kept once
+        collector.add(_instance("S1", sop))
+        await asyncio.sleep(0.05)  # arrivals closer than the quiet time keep the study open
+    assert seen.studies == []
+    assert collector.held_bytes == 30
+    await asyncio.wait_for(seen.arrived.wait(), 5)
+    (study,) = seen.studies
+    assert sorted(study.instances) == ["1", "2", "3"]
+    await collector.drain()
+    assert collector.held_bytes == 0  # released once answered
+
+
+async def test_a_full_study_is_answered_at_once_and_the_rest_starts_a_new_group() -> None:
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=60, max_instances=2, held_bytes_budget=10_000)
+    for sop in ("1", "2", "3"):
+        collector.add(_instance("S1", sop))
+    await collector.drain()
+    assert [sorted(s.instances) for s in seen.studies] == [["1", "2"]]
+    assert collector.waiting_studies == 1
+    await collector.flush()  # shutdown answers what still waits
+    assert [sorted(s.instances) for s in seen.studies] == [["1", "2"], ["3"]]
+    assert seen.studies[0].ref != seen.studies[1].ref
+
+
+async def test_studies_are_kept_apart_and_the_budget_is_the_doors_to_check() -> None:
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=60, max_instances=100, held_bytes_budget=25)
+    collector.add(_instance("A", "1"))
+    collector.add(_instance("B", "1"))
+    assert collector.can_hold(5)
+    assert not collector.can_hold(6)
+    await collector.flush()
+    assert sorted(s.study_uid for s in seen.studies) == ["A", "B"]
+
+
+async def test_a_failing_analysis_does_not_stop_the_collector() -> None:
+    calls: list[str] = []
+
+    async def flaky(study: ReceivedStudy) -> None:
+        calls.append(study.study_uid)
+        if study.study_uid == "bad":
+            raise RuntimeError("boom")
+
+    collector = StudyCollector(flaky, quiet_s=0, max_instances=1, held_bytes_budget=100)
+    collector.add(_instance("bad", "1"))
+    await collector.drain()
+    collector.add(_instance("good", "1"))
+    await collector.drain()
+    assert calls == ["bad", "good"]
+    assert collector.held_bytes == 0
+
+
+def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> tuple[str, bytes]:
+    body = b""
+    for media_type, data in parts:
+        body += f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return f'multipart/related; type="application/dicom"; boundary={boundary}', body
+
+
+def test_stow_parts_come_out_byte_exact() -> None:
+    binary = bytes(range(256)) * 50 + b"\r\n--b0und"  # a near-boundary inside the data stays data
+    content_type, body = _multipart([("application/dicom", binary), ("application/dicom", b"DICM2")])
+    assert dicom_parts(content_type, body) == [binary, b"DICM2"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "says"),
+    [
+        ("multipart/form-data; boundary=x", b"--x--\r\n", "multipart/related"),
+        ('multipart/related; type="image/png"; boundary=x', b"--x--\r\n", "type must be"),
+        ('multipart/related; type="application/dicom"', b"", "boundary"),
+        ('multipart/related; type="application/dicom"; boundary=x', b"--x--\r\n", "no part"),
+        (
+            'multipart/related; type="application/dicom"; boundary=x',
+            b"--x\r\nContent-Type: text/plain\r\n\r\nhi\r\n--x--",
+            "every part",
+        ),
+        ('multipart/related; type="application/dicom"; boundary=x', b"--x\r\n\x00\x01garbage", "malformed"),
+    ],
+)
+def test_stow_bodies_that_are_not_dicom_parts_are_refused_with_a_reason(
+    content_type: str, body: bytes, says: str
+) -> None:
+    with pytest.raises(StowRequestError, match=says):
+        dicom_parts(content_type, body)
+
+
+def test_the_store_response_lists_what_was_taken_and_what_failed() -> None:
+    response = store_response(
+        [StoredInstance("1.2.840.10008.5.1.4.1.1.1", "1.2.3")],
+        [FailedInstance("1.2.840.10008.5.1.4.1.1.1.2", "1.2.4", 0x0122, "SOP class not analysed")],
+    )
+    (referenced,) = response["00081199"]["Value"]
+    assert referenced["00081155"]["Value"] == ["1.2.3"]
+    (failed,) = response["00081198"]["Value"]
+    assert failed["00081155"]["Value"] == ["1.2.4"]
+    assert failed["00081197"]["Value"] == [0x0122]
+    text = warning_text([FailedInstance("", "", 0xC000, "bad\r\nline ü")])
+    assert "\n" not in text
+    assert text.isascii()
