@@ -22,7 +22,7 @@ class PredictorConfig:
     ort_spinning: bool = False
     max_batch_size: int = 16
     max_wait_ms: float = 0.0
-    max_queue_wait_ms: float | None = 1000.0
+    max_queue_wait_ms: float | None = 700.0
     max_queue_size: int = 256
     max_pixels: int = 50_000_000
     max_image_decode_bytes: int = 400_000_000

@@ -152,7 +152,10 @@ def dicom_path(server: Server, orthanc: OrthancServer, port: int, datasets: Sequ
 def http_path(server: Server, datasets: Sequence[Dataset], args: Any) -> Json:
     uploads = [(str(ds.SOPInstanceUID), part10_bytes(ds), "application/dicom") for ds in datasets]
     bodies = encode_bodies(uploads)
-    result = asyncio.run(closed_loop(server, bodies, args.concurrency, args.warmup_s, args.duration_s, False))
+    # a well-behaved client (it waits out Retry-After), as the PACS sender waits out 0xA700
+    result = asyncio.run(
+        closed_loop(server, bodies, args.concurrency, args.warmup_s, args.duration_s, False, honour_retry_after=True)
+    )
     return {"concurrency": args.concurrency, **result}
 
 

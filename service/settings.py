@@ -41,9 +41,9 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
     max_batch_size: int = Field(16, ge=1, le=256)
     max_wait_ms: float = Field(0.0, ge=0.0, description="extra wait to fill a batch (accelerators); 0 on CPU")
-    # Admission: work is taken on only when it can start within a deadline (service.admission, README).
+    # Admission: work is taken on only when it can start within a deadline (inference.batching, README).
     max_queue_wait_ms: float = Field(
-        1000.0,
+        700.0,
         gt=0.0,
         description="longest an accepted image is expected to wait before its batch starts; more gets 503",
     )
