@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PUT_RETRY_MAX_S = 30.0
 SHUTDOWN_PUT_S = 30.0
+ROOM_WAIT_S = 5.0  # how long an instance's answer may wait for room before 0xA700
+ROOM_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -123,15 +125,34 @@ class DicomNode:
             return self._refused(CANNOT_UNDERSTAND, sop_class, sop_instance, reason, door, calling_ae)
         if self.stopping:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, "shutting down", door, calling_ae)
-        try:
-            self.predictor.check_capacity(1)
-        except (QueueFullError, BatcherClosedError) as error:
-            return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, str(error), door, calling_ae)
-        if not self.collector.can_hold(len(data)):
-            reason = f"held instances at the node's budget ({self.config.held_bytes_budget} bytes); retry later"
+        if (reason := await self._wait_for_room(len(data))) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         self.collector.add(ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer))
         return Receipt(SUCCESS, sop_class, sop_instance)
+
+    async def _wait_for_room(self, size: int) -> str | None:
+        """None once the core can take an image in time and the held bytes can take `size`; else, after waiting
+        up to ROOM_WAIT_S, why not. The wait is back-pressure: the sender has already sent the instance's bytes,
+        so holding the answer a little costs less than refusing it and receiving it all again."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + ROOM_WAIT_S
+        while self._no_room(size, count=False) is not None:
+            if self.stopping or loop.time() >= give_up_at:
+                return self._no_room(size, count=True)
+            await asyncio.sleep(ROOM_POLL_S)
+        return None
+
+    def _no_room(self, size: int, *, count: bool) -> str | None:
+        try:
+            if count:
+                self.predictor.check_capacity(1)  # counted in the refusal metrics
+            else:
+                self.predictor.batcher.check(1)
+        except (QueueFullError, BatcherClosedError) as error:
+            return str(error)
+        if not self.collector.can_hold(size):
+            return f"held instances at the node's budget ({self.config.held_bytes_budget} bytes); retry later"
+        return None
 
     def _refused(
         self, status: int, sop_class: str, sop_instance: str, reason: str, door: Door, calling_ae: str | None

@@ -223,6 +223,28 @@ def test_dcmtk_an_independent_dicom_implementation_can_echo_and_store(node: Serv
     assert "Success" in store.stdout + store.stderr  # DCMTK prints the C-STORE response status
 
 
+def test_no_room_answers_out_of_resources_and_the_sender_may_retry(
+    bundle: Path, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """An instance the node cannot hold now (here: larger than its whole held-bytes budget) is answered 0xA700
+    'out of resources' after a short wait, never taken and dropped; a C-ECHO still answers."""
+    port = free_port()
+    env = _node_env(tmp_path, port, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", BFD_DICOM_HELD_BYTES_BUDGET="1000")
+    with bfd_serve(bundle, tmp_path, env=env) as server:
+        server.audit = tmp_path / "audit.jsonl"  # type: ignore[attr-defined]
+        study = _roundtrip(make_study(1, patient_name=PATIENT_NAME))
+        assert _send(port, study) == [0xA700]
+        refused = [e for e in _audit(server) if e["event"] == "refused"]
+        assert [e["status"] for e in refused] == ["0xa700"]
+        assert "budget" in refused[0]["reason"]
+        ae = AE(ae_title=SCU_AE)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="BFD")
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+
+
 def test_a_calling_ae_that_is_not_allowed_is_rejected(node: Server) -> None:
     ae = AE(ae_title="STRANGER")
     ae.add_requested_context(Verification)
