@@ -59,7 +59,13 @@ class StudyAnalyser:
         explained: list[Explained] = list(await asyncio.gather(*(self.predictor.explain(r) for r in results)))
         response: StudyResponse = await self.predictor.study_of(results, [e.answer for e in explained])
         findings = [
-            ImageFinding(source=_source_dataset(result), answer=item.answer, cam=item.cam, overlay_rgb=item.overlay_rgb)
+            ImageFinding(
+                source=_source_dataset(result),
+                answer=item.answer,
+                cam=item.cam,
+                overlay_rgb=item.overlay_rgb,
+                value_range=_value_range(result),  # the GSPS window without decoding the source again
+            )
             for result, item in zip(results, explained, strict=True)
         ]
 
@@ -102,6 +108,10 @@ class StudyAnalyser:
                 return self.predictor.admit(1, deadline=False)
             except QueueFullError as error:
                 await asyncio.sleep(min(error.retry_after_s, 2.0))
+
+
+def _value_range(result: ImageResult) -> tuple[float, float] | None:
+    return result.prepared.dicom.value_range if result.prepared.dicom is not None else None
 
 
 def _source_dataset(result: ImageResult) -> Any:

@@ -10,13 +10,9 @@ loop stops; what it did not deliver is sent after the next start.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any
-
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from dicom_node.analysis import StudyAnalyser, StudyOutcome
 from dicom_node.audit import AuditLog
@@ -35,6 +31,8 @@ from dicom_node.scp import StorageSCP
 from dicom_node.sender import DeliveryLoop
 from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector
 from inference.batching import BatcherClosedError, QueueFullError
+from inference.dicom_header import read_dataset
+from inference.errors import ImageError
 from inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -107,14 +105,20 @@ class DicomNode:
         self, data: bytes, door: Door, *, calling_ae: str | None = None, peer: str | None = None
     ) -> Receipt:
         """Take one Part 10 instance for analysis with its study, or say why not (a C-STORE status)."""
-        try:
-            header = dcmread(io.BytesIO(data), stop_before_pixels=True, force=door == "dimse")
-            sop_class = str(header.get("SOPClassUID", "") or getattr(header.file_meta, "MediaStorageSOPClassUID", ""))
+        try:  # the core's guards: a deflate bomb is refused before it inflates, a broken file has a reason
+            header = read_dataset(
+                data,
+                force=door == "dimse",
+                max_inflated_bytes=self.predictor.config.max_image_decode_bytes,
+                stop_before_pixels=True,
+            )
+            meta = getattr(header, "file_meta", None)
+            sop_class = str(header.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
             sop_instance = str(header.get("SOPInstanceUID", ""))
             study_uid = str(header.get("StudyInstanceUID", ""))
-            syntax = str(getattr(header.file_meta, "TransferSyntaxUID", ""))
-        except (InvalidDicomError, AttributeError, ValueError, TypeError, EOFError, OSError) as error:
-            return Receipt(CANNOT_UNDERSTAND, "", "", f"not a DICOM Part 10 instance ({type(error).__name__})")
+            syntax = str(getattr(meta, "TransferSyntaxUID", ""))
+        except ImageError as error:
+            return Receipt(CANNOT_UNDERSTAND, "", "", f"not a readable DICOM Part 10 instance: {error}")
         if not (sop_class and sop_instance and study_uid):
             return Receipt(
                 CANNOT_UNDERSTAND, sop_class, sop_instance, "SOP Class, SOP Instance and Study Instance UIDs needed"

@@ -86,17 +86,38 @@ def looks_like_dicom(data: bytes) -> bool:
 # --- 1. header -----------------------------------------------------------------------------------------------------
 
 
-def parse_dicom(data: bytes, *, force: bool = False, max_inflated_bytes: int | None = None) -> DicomHeader:
-    """Read the dataset (pixel data not decoded) and validate what the decode depends on; DicomError if not."""
+def read_dataset(
+    data: bytes, *, force: bool = False, max_inflated_bytes: int | None = None, stop_before_pixels: bool = False
+) -> Any:
+    """pydicom's dcmread behind the same guards as `parse_dicom`, for a door that needs only attributes (the DICOM
+    node's UIDs): a deflated data set's inflated size is counted first and refused over `max_inflated_bytes`
+    (ImageTooLargeError), and every reading failure is a DicomError with a reason."""
+    _checked_inflation(data, max_inflated_bytes)
+    return _dcmread(data, force=force, stop_before_pixels=stop_before_pixels)
+
+
+def _checked_inflation(data: bytes, limit: int | None) -> int:
+    return _inflated_size(data, limit) if DEFLATED_SYNTAX.encode() in data[:4096] else 0
+
+
+def _dcmread(data: bytes, *, force: bool, stop_before_pixels: bool = False) -> Any:
     import pydicom
 
-    inflated = _inflated_size(data, max_inflated_bytes) if DEFLATED_SYNTAX.encode() in data[:4096] else 0
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=force or not looks_like_dicom(data))
+        return pydicom.dcmread(
+            io.BytesIO(data), force=force or not looks_like_dicom(data), stop_before_pixels=stop_before_pixels
+        )
     except RecursionError as error:
         raise DicomError("not a readable DICOM file: its sequences are nested too deeply to read") from error
     except Exception as error:  # pydicom reports broken files with many exception types
         raise DicomError(f"not a readable DICOM file: {type(error).__name__}: {brief(error)}") from error
+
+
+def parse_dicom(data: bytes, *, force: bool = False, max_inflated_bytes: int | None = None) -> DicomHeader:
+    """Read the dataset (pixel data not decoded) and validate what the decode depends on; DicomError if not."""
+
+    inflated = _checked_inflation(data, max_inflated_bytes)
+    dataset = _dcmread(data, force=force)
     _check_nesting(dataset)
     keyword = next((k for k in PIXEL_KEYWORDS if k in dataset), None)
     if keyword is None:

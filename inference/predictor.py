@@ -274,14 +274,7 @@ class Predictor:
         if not result.upload.heatmap:
             return Explained(await self.answer(result), None, None)
         cam, rgb = await self.decoder.in_pool(lambda: self.overlay(result))
-        heatmap = HeatmapAnswer(
-            body_part=result.prediction.body_part,
-            grid=np.round(cam, 4).tolist(),
-            overlay_png_base64=None,
-            width=int(rgb.shape[1]),
-            height=int(rgb.shape[0]),
-        )
-        answer = await self.answer(result, heatmap=heatmap)
+        answer = await self.answer(result, heatmap=self._heatmap_answer(result, cam, rgb, png=False))
         return Explained(answer, cam, rgb)
 
     def overlay(self, result: ImageResult) -> tuple[np.ndarray, np.ndarray]:
@@ -295,10 +288,14 @@ class Predictor:
 
     def _heatmap(self, result: ImageResult) -> HeatmapAnswer:
         cam, rgb = self.overlay(result)
+        return self._heatmap_answer(result, cam, rgb, png=True)
+
+    @staticmethod
+    def _heatmap_answer(result: ImageResult, cam: np.ndarray, rgb: np.ndarray, *, png: bool) -> HeatmapAnswer:
         return HeatmapAnswer(
             body_part=result.prediction.body_part,
             grid=np.round(cam, 4).tolist(),
-            overlay_png_base64=base64.b64encode(png_bytes(rgb)).decode("ascii"),
+            overlay_png_base64=base64.b64encode(png_bytes(rgb)).decode("ascii") if png else None,
             width=int(rgb.shape[1]),
             height=int(rgb.shape[0]),
         )
@@ -333,15 +330,17 @@ class Predictor:
             study=study, predictions=list(images), model=first.model, warnings=_distinct_warnings(images)
         )
 
-    async def dicom_report(self, result: ImageResult, answer: ImagePrediction) -> bytes:
-        """A DICOM Secondary Capture of the overlay and the answer's summary, in the source image's study."""
+    async def dicom_report(self, result: ImageResult) -> bytes:
+        """A DICOM Secondary Capture of the overlay and the answer's summary, in the source image's study
+        (Grad-CAM and the overlay computed once, for the answer and the image alike)."""
         dicom = result.prepared.dicom
         if dicom is None:
             raise DicomOutputError("output=dicom needs a DICOM input image")
-        lines = summary_lines(answer)
+        explained = await self.explain(result)
+        lines = summary_lines(explained.answer)
 
         def build() -> bytes:
-            _, rgb = self.overlay(result)
+            rgb = explained.overlay_rgb if explained.overlay_rgb is not None else self.overlay(result)[1]
             return secondary_capture(dicom.dataset, rgb, lines, algorithm=self.algorithm)
 
         return await self.decoder.in_pool(build)

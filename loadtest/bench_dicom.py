@@ -28,9 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
@@ -46,27 +44,12 @@ TARGET_RATIO = 0.8
 OUT_OF_RESOURCES = 0xA700
 
 
-def at_size(ds: Dataset, rows: int, columns: int) -> Dataset:
-    """The instance with its pixels resized to rows x columns (12 bits stored in 16)."""
-    pixels = ds.pixel_array.astype(np.float32)
-    scale = 4095.0 / max(1.0, float(pixels.max()))
-    image = Image.fromarray((pixels * scale).astype(np.uint16).astype(np.int32), mode="I")
-    resized = np.asarray(image.resize((columns, rows), Image.Resampling.BILINEAR), dtype=np.uint16)
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = resized.tobytes()
-    for keyword in ("WindowCenter", "WindowWidth"):
-        if keyword in ds:
-            del ds[keyword]
-    return ds
-
-
 def study_set(instances: int, per_study: int, rows: int, columns: int) -> list[Dataset]:
     out: list[Dataset] = []
     while len(out) < instances:
         n = min(per_study, instances - len(out))
-        study = make_study(n, modality="mixed", bits_stored=12, body_parts=["hand", "shoulder"])
-        out.extend(pydicom.dcmread(io.BytesIO(part10_bytes(at_size(ds, rows, columns)))) for ds in study)
+        study = make_study(n, modality="mixed", bits_stored=12, body_parts=["hand", "shoulder"], size=(rows, columns))
+        out.extend(pydicom.dcmread(io.BytesIO(part10_bytes(ds))) for ds in study)
     return out
 
 

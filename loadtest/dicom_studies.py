@@ -37,6 +37,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from loadtest.images import high_depth
+
 XRAY = Path(__file__).resolve().parent.parent / "tests" / "data" / "xray"
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
@@ -91,10 +93,15 @@ def radiographs(*, body_parts: Sequence[str] | None = None, include_large: bool 
     return [found[turn] for turn in range(turns) for found in by_part.values() if turn < len(found)]
 
 
-def grey_pixels(path: Path, bits_stored: int = 8) -> np.ndarray:
-    """(H, W) uint8, or uint16 scaled to 0..2**bits_stored - 1, as a viewer shows the JPEG."""
+def grey_pixels(path: Path, bits_stored: int = 8, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) uint8, or uint16 scaled to 0..2**bits_stored - 1, as a viewer shows the JPEG; resampled to
+    `size` (rows, columns) when given, in float, as the realistic image set is (`loadtest.images.high_depth`)."""
     with Image.open(path) as image:
-        grey = np.asarray(ImageOps.exif_transpose(image).convert("L"))
+        grey_image = ImageOps.exif_transpose(image).convert("L")
+    if size is not None:
+        rows, columns = size
+        return high_depth(grey_image, (columns, rows), bits_stored).astype(np.uint8 if bits_stored == 8 else np.uint16)
+    grey = np.asarray(grey_image)
     if bits_stored == 8:
         return grey
     top = (1 << bits_stored) - 1
@@ -116,12 +123,14 @@ def make_study(
     body_parts: Sequence[str] | None = None,
     include_large: bool = False,
     study_datetime: dt.datetime | None = None,
+    size: tuple[int, int] | None = None,
 ) -> list[Dataset]:
     """`n_images` instances of one study, cycling through the radiographs.
 
     `modality="mixed"` alternates CR and DX, one series each; otherwise the images are dealt over `n_series`
     series (1 by default). `transfer_syntax` is Explicit VR Little Endian, RLE Lossless or JPEG Baseline
-    (8-bit only). `body_parts` keeps only those folders (hand, hip, leg, shoulder); all take turns by default.
+    (8-bit only). `size` (rows, columns) resamples every radiograph to it (e.g. 2500, 2000: a real DX).
+    `body_parts` keeps only those folders (hand, hip, leg, shoulder); all take turns by default.
     """
     if n_images < 1:
         raise ValueError(f"a study needs at least one image, got n_images={n_images}")
@@ -155,6 +164,7 @@ def make_study(
             series_number=series[series_index][1],
             instance_number=index // series_count + 1,
             bits_stored=bits_stored,
+            size=size,
         )
         instances.append(_encode(ds, transfer_syntax))
     return instances
@@ -224,8 +234,9 @@ def _image(
     series_number: int,
     instance_number: int,
     bits_stored: int,
+    size: tuple[int, int] | None = None,
 ) -> Dataset:
-    pixels = grey_pixels(radiograph.path, bits_stored)
+    pixels = grey_pixels(radiograph.path, bits_stored, size)
     ds = Dataset()
     ds.update(study)
     ds.SOPClassUID = sop_class

@@ -81,12 +81,14 @@ def _scaled(img: Image.Image, side: int) -> Image.Image:
     return img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.LANCZOS)
 
 
-def _twelve_bit(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """A 12-bit version at `size` resampled in float from the 8-bit source, so its low bits hold real detail."""
-    values = Image.fromarray(np.asarray(img, dtype=np.float32) * (4095 / 255), mode="F").resize(
+def high_depth(img: Image.Image, size: tuple[int, int], bits: int = 12) -> np.ndarray:
+    """A `bits`-bit version at `size` (width, height) resampled in float from the 8-bit grey source, so its
+    low bits hold real detail (uint16)."""
+    top = float((1 << bits) - 1)
+    values = Image.fromarray(np.asarray(img, dtype=np.float32) * (top / 255), mode="F").resize(
         size, Image.Resampling.BICUBIC
     )
-    return np.clip(np.rint(np.asarray(values)), 0, 4095).astype(np.uint16)
+    return np.clip(np.rint(np.asarray(values)), 0, top).astype(np.uint16)
 
 
 def _dicom_files(pixels: np.ndarray) -> list[tuple[str, bytes]]:
@@ -140,7 +142,7 @@ def realistic_image_set(folder: Path) -> list[tuple[str, bytes, str]]:
     if small is not None:  # the common FracAtlas file: small, RGB-encoded, at its own size
         images.append((f"jpeg-rgb-{small.width}x{small.height}", _encoded(small.convert("RGB"), "JPEG"), JPEG_TYPE))
     grey = largest.resize(TARGET_SIZE, Image.Resampling.LANCZOS)
-    twelve = _twelve_bit(largest, TARGET_SIZE)
+    twelve = high_depth(largest, TARGET_SIZE)
     images.append(("png-8bit-2000x2500", _encoded(grey, "PNG"), PNG_TYPE))
     images.append(("png-16bit-2000x2500", _encoded(Image.fromarray(twelve), "PNG"), PNG_TYPE))
     images.append(("png-rgb-2000x2500", _encoded(grey.convert("RGB"), "PNG"), PNG_TYPE))

@@ -32,6 +32,8 @@ from typing import Any
 import httpx
 import pydicom
 
+from loadtest.servers import free_port
+
 # Where Debian (and a local build) put the DICOMweb plugin; BFD_ORTHANC_DICOMWEB_PLUGIN overrides.
 _PLUGIN_PATTERNS = (
     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so*",
@@ -86,12 +88,6 @@ def orthanc_available() -> str | None:
     except OrthancUnavailable as error:
         return str(error)
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class OrthancServer:

@@ -132,8 +132,7 @@ async def _dicom_answer(predictor: Predictor, tickets: list[AnswerTicket], uploa
         release_all(tickets)
         raise ServiceError(422, "dicom_output_needs_one_image", f"output=dicom takes one image, got {len(uploads)}")
     [result] = await predictor.run_images(tickets, uploads)
-    answer = await predictor.answer(result)
-    content = await predictor.dicom_report(result, answer)
+    content = await predictor.dicom_report(result)
     return Response(
         content,
         media_type="application/dicom",

@@ -42,13 +42,6 @@ class OutboxEntry(Base):
     last_status: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
-def _aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive (they were written in UTC)."""
-    if moment is None or moment.tzinfo is not None:
-        return moment
-    return moment.replace(tzinfo=UTC)
-
-
 class StoreOutbox:
     """`dicom_node.outbox.Outbox` on a ResultsStore."""
 
@@ -168,11 +161,7 @@ class StoreOutbox:
             query = query.where(OutboxEntry.study_ref == study_ref)
 
         async def rows(session: AsyncSession) -> list[OutboxEntry]:
-            found = list((await session.scalars(query)).all())
-            for row in found:
-                row.delivered_at = _aware(row.delivered_at)
-                row.next_attempt_at = _aware(row.next_attempt_at) or row.next_attempt_at
-            return found
+            return list((await session.scalars(query)).all())
 
         return await self.store.call("reading the outbox", rows)
 

@@ -42,7 +42,8 @@ from loadtest.dicom_studies import (
     study_of,
     unsupported_instance,
 )
-from loadtest.orthanc import OrthancServer, free_port
+from loadtest.orthanc import OrthancServer
+from loadtest.servers import free_port
 
 # PS3.5 H.3.1 (Japanese, ISO 2022 IR 87), and UTF-8 padded to even length: the bytes Orthanc must keep.
 VERIFICATION = "1.2.840.10008.1.1"

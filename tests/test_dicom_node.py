@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import highdicom as hd
+import httpx
 import pydicom
 import pytest
 from factories import build_tiny_bundle
@@ -243,6 +244,30 @@ def test_no_room_answers_out_of_resources_and_the_sender_may_retry(
         assert assoc.is_established
         assert int(assoc.send_c_echo().Status) == 0
         assoc.release()
+
+
+def test_hostile_instances_by_stow_rs_are_refused_with_a_reason_in_bounded_memory(node: Server) -> None:
+    """A deflate bomb (450 MB inflated) and a file nested too deeply: failed with a reason, nothing inflated."""
+    from hostile_inputs import _nested_undefined, deflate_bomb
+
+    boundary = "hostile"
+    body = b""
+    for part in (deflate_bomb(), _nested_undefined(5000)):
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    rss_before = node.rss_mb()
+    answer = httpx.post(
+        f"{node.url}/dicomweb/studies",
+        content=body,
+        headers={"content-type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        timeout=60,
+    )
+    assert answer.status_code == 409  # none taken
+    failed = answer.json()["00081198"]["Value"]
+    assert [item["00081197"]["Value"] for item in failed] == [[0xC000], [0xC000]]
+    assert "inflates to more than" in answer.headers["warning"]
+    assert node.rss_mb() - rss_before < 200  # the 450 MB were never inflated
+    assert httpx.get(f"{node.url}/readyz", timeout=10).status_code == 200
 
 
 def test_a_calling_ae_that_is_not_allowed_is_rejected(node: Server) -> None:

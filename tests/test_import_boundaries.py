@@ -184,6 +184,14 @@ def test_loading_settings_does_not_load_onnxruntime() -> None:
     assert "onnxruntime" not in loaded_roots(["service.settings"])
 
 
+def test_the_predictor_and_the_http_app_load_no_dicom_node_libraries() -> None:
+    """highdicom and pynetdicom cost half a second to import: loaded only when DICOM objects are built or the
+    node is on, not by every start of the service, the desktop or the CLI."""
+    loaded = loaded_roots(["inference.predictor", "inference.runner", "service.main", "service.settings"])
+    assert {"inference", "service"} <= loaded
+    assert sorted(loaded & {"highdicom", "pynetdicom", "dicomweb_client"}) == []
+
+
 def test_the_desktop_and_the_cli_client_load_no_web_framework() -> None:
     loaded = loaded_roots(["desktop.client", "desktop.report", "clients.predict_cli", "clients.http"])
     assert sorted(loaded & {"fastapi", "starlette", "uvicorn", "sqlalchemy", *TENSORFLOW}) == []

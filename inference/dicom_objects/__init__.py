@@ -16,9 +16,25 @@ Modules: `findings` (the inputs), `region` (the hottest region), `codes` (every 
 
 from __future__ import annotations
 
-from inference.dicom_objects.build import RESULT_KINDS, part10_bytes, result_objects
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from inference.dicom_objects.findings import Algorithm, ImageFinding, Region
 from inference.dicom_objects.region import hottest_region
+
+if TYPE_CHECKING:
+    from inference.dicom_objects.build import RESULT_KINDS, part10_bytes, result_objects
+
+# The builders load highdicom (about half a second): only when an object is built, not for every door that
+# imports the predictor (which needs `Algorithm` alone).
+_LAZY = ("RESULT_KINDS", "part10_bytes", "result_objects")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("inference.dicom_objects.build"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "RESULT_KINDS",
