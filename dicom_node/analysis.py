@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import ResultObject
 from dicom_node.studies import ReceivedStudy
 from inference.batching import QueueFullError
-from inference.dicom_objects import ImageFinding, part10_bytes, result_objects
+from inference.dicom_objects import ImageFinding
 from inference.errors import InferenceError
 from inference.predictor import AnswerTicket, Explained, ImageResult, Predictor, Upload
 from inference.results import StudyResponse
@@ -37,10 +38,11 @@ class StudyOutcome:
 
 
 class StudyAnalyser:
-    def __init__(self, predictor: Predictor, outputs: Sequence[str]) -> None:
+    def __init__(self, predictor: Predictor, outputs: Sequence[str], builder: ObjectBuilder | None = None) -> None:
         self.predictor = predictor
         self.outputs = tuple(outputs)
         self.algorithm = predictor.algorithm
+        self.builder = builder or ObjectBuilder(0)
 
     async def analyse(self, study: ReceivedStudy) -> StudyOutcome:
         instances = list(study.instances.values())
@@ -68,12 +70,7 @@ class StudyAnalyser:
             )
             for result, item in zip(results, explained, strict=True)
         ]
-
-        def build() -> list[ResultObject]:
-            datasets = result_objects(findings, response.study, self.algorithm, self.outputs)
-            return [ResultObject(str(d.SOPClassUID), str(d.SOPInstanceUID), part10_bytes(d)) for d in datasets]
-
-        objects = await self.predictor.decoder.in_pool(build)
+        objects: list[ResultObject] = await self.builder.build(findings, response.study, self.algorithm, self.outputs)
         images = [
             {
                 "sop_instance_uid": result.upload.name,

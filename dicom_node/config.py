@@ -19,6 +19,7 @@ class NodeConfig:
     study_max_instances: int = 16  # ...or when it holds this many (the rest start a new batch)
     held_bytes_budget: int = 500_000_000  # instances received and not yet answered; more: 'out of resources'
     outputs: tuple[str, ...] = RESULT_KINDS
+    build_processes: int = 1  # worker processes building the result objects (0: a thread of the service)
     audit_log: Path = field(default_factory=lambda: Path("bfd-dicom-audit.jsonl"))
     delivery_timeout_s: float = 30.0
     retry_initial_s: float = 2.0

@@ -23,6 +23,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_node.tcp import no_delay_on_open
+
 log = logging.getLogger(__name__)
 
 # Warning statuses mean the object was stored (PS3.4 B.2.3, PS3.7 C): coercion, elements discarded,
@@ -265,8 +267,13 @@ def _deliver_dimse(
     assert destination.port is not None
     assert destination.ae_title is not None
     seen: set[str] = set()  # pynetdicom reports a refused connection as an abort: these events tell them apart
+
+    def connected(event: Any) -> None:
+        seen.add("connected")
+        no_delay_on_open(event)  # dicom_node.tcp: each object's last segment goes out at once
+
     handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, lambda _: seen.add("connected")),
+        (evt.EVT_CONN_OPEN, connected),
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
     try:

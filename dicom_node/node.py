@@ -18,6 +18,7 @@ from dicom_node.analysis import StudyAnalyser, StudyOutcome
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.delivery import Destination
+from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import Outbox
 from dicom_node.scope import (
     CANNOT_UNDERSTAND,
@@ -64,7 +65,8 @@ class DicomNode:
         self.config = config
         self.destination = Destination.parse(config.destination)
         self.audit = AuditLog(config.audit_log)
-        self.analyser = StudyAnalyser(predictor, config.outputs)
+        self.builder = ObjectBuilder(config.build_processes)
+        self.analyser = StudyAnalyser(predictor, config.outputs, self.builder)
         self.collector = StudyCollector(
             self._on_study,
             quiet_s=config.quiet_s,
@@ -84,6 +86,7 @@ class DicomNode:
         self.stopping = False
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.builder.start)
         self.sender.start()
         if self.config.port is not None:
             self.scp = StorageSCP(self.config, asyncio.get_running_loop(), self._receive_dimse)
@@ -96,6 +99,7 @@ class DicomNode:
             await asyncio.to_thread(self.scp.stop)
         await self.collector.flush()
         await self.sender.stop()
+        await asyncio.to_thread(self.builder.close)
 
     # -- in -----------------------------------------------------------------------------------------------------
     async def _receive_dimse(self, data: bytes, calling_ae: str | None, peer: str | None) -> int:
@@ -129,20 +133,22 @@ class DicomNode:
             return self._refused(CANNOT_UNDERSTAND, sop_class, sop_instance, reason, door, calling_ae)
         if self.stopping:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, "shutting down", door, calling_ae)
-        if (reason := await self._wait_for_room(len(data))) is not None:
+        if (reason := await self._wait_for_room(len(data), study_uid)) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         self.collector.add(ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer))
         return Receipt(SUCCESS, sop_class, sop_instance)
 
-    async def _wait_for_room(self, size: int) -> str | None:
+    async def _wait_for_room(self, size: int, study_uid: str) -> str | None:
         """None once the core can take an image in time and the held bytes can take `size`; else, after waiting
         up to ROOM_WAIT_S, why not. The wait is back-pressure: the sender has already sent the instance's bytes,
-        so holding the answer a little costs less than refusing it and receiving it all again."""
+        so holding the answer a little costs less than refusing it and receiving it all again. Meanwhile its
+        study is kept open (the quiet time runs from the end of the wait), so it is not answered in two parts."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + ROOM_WAIT_S
         while self._no_room(size, count=False) is not None:
             if self.stopping or loop.time() >= give_up_at:
                 return self._no_room(size, count=True)
+            self.collector.touch(study_uid)
             await asyncio.sleep(ROOM_POLL_S)
         return None
 

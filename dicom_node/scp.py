@@ -14,14 +14,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
 
 from dicom_node.config import NodeConfig
 from dicom_node.scope import ACCEPTED_TRANSFER_SYNTAXES, CANNOT_UNDERSTAND, OUT_OF_RESOURCES
+from dicom_node.tcp import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,9 @@ MAX_PDU_BYTES = 4 * 1024 * 1024
 # a second contending for the GIL with decoding (pynetdicom documents `_run_loop_delay` as the knob). 10 ms
 # adds at most 10 ms to a message arriving on an idle association; data in flight is read without sleeping.
 DUL_IDLE_POLL_S = 0.01
+# pynetdicom reads a PDU 4 KiB per recv() call into a growing bytearray: 2,500 calls and GIL hand-overs per
+# 10 MB instance. _BulkReadSocket reads into one buffer of the PDU's size, up to this much per call.
+RECV_CHUNK_BYTES = 1024 * 1024
 Receive = Callable[[bytes, str | None, str | None], Coroutine[Any, Any, int]]  # (part 10 bytes, calling AE, peer host)
 
 
@@ -72,7 +81,14 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, _calmer_polling),
         ]
         port = self.config.port or 0
-        self._server = self.ae.start_server((self.config.host, port), block=False, evt_handlers=handlers)
+        self._server = server = self.ae.make_server(
+            (self.config.host, port),
+            evt_handlers=handlers,
+            server_class=ThreadedAssociationServer,
+            request_handler=_BulkReadHandler,
+        )
+        self.ae._servers.append(server)  # as AE.start_server does: the server's shutdown() takes it out again
+        threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
         log.info("DICOM storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     def stop(self) -> None:
@@ -106,3 +122,37 @@ def _calmer_polling(event: Any) -> None:
     dul = getattr(event.assoc, "dul", None)
     if dul is not None and hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_IDLE_POLL_S
+
+
+class _BulkReadSocket(AssociationSocket):
+    """pynetdicom's association socket, reading each PDU into one buffer in large recv_into() calls."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Exactly `nr_bytes` (blocking), or what arrived before the peer closed the connection, as pynetdicom's."""
+        sock = self.socket
+        if sock is None:
+            return bytearray()
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            count = sock.recv_into(view[read:], min(nr_bytes - read, RECV_CHUNK_BYTES))
+            if not count:  # connection broken: what there is, as pynetdicom does
+                view.release()
+                del buffer[read:]
+                return buffer
+            read += count
+        view.release()
+        return buffer
+
+
+class _BulkReadHandler(RequestHandler):
+    """pynetdicom's request handler, with TCP_NODELAY and the bulk-reading socket under each association."""
+
+    def _create_association(self) -> Association:
+        no_delay(self.request)  # dicom_node.tcp: answers go out at once
+        assoc = super()._create_association()
+        socket = assoc.dul.socket
+        if type(socket) is AssociationSocket:
+            socket.__class__ = _BulkReadSocket  # same state, a faster recv(); nothing else changes
+        return assoc

@@ -91,11 +91,19 @@ class StudyCollector:
         if len(study.instances) >= self.max_instances:
             self._close(instance.study_uid)
             return
-        timer = self._timers.pop(instance.study_uid, None)
+        self._rearm(instance.study_uid)
+
+    def touch(self, study_uid: str) -> None:
+        """An instance of this study is on its way (e.g. waiting for room): its study is not quiet yet, so the
+        quiet time starts again. Without this, a sender held back by the budget split its study in two."""
+        if study_uid in self._open:
+            self._rearm(study_uid)
+
+    def _rearm(self, study_uid: str) -> None:
+        timer = self._timers.pop(study_uid, None)
         if timer is not None:
             timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timers[instance.study_uid] = loop.call_later(self.quiet_s, self._close, instance.study_uid)
+        self._timers[study_uid] = asyncio.get_running_loop().call_later(self.quiet_s, self._close, study_uid)
 
     def _close(self, study_uid: str) -> None:
         timer = self._timers.pop(study_uid, None)

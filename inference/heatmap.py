@@ -80,7 +80,7 @@ def grad_cam(feature_map: np.ndarray, head: HeadWeights, class_index: int = FRAC
 
 def _colour_map(values: np.ndarray) -> np.ndarray:
     """[0, 1] -> RGB float in [0, 1]: blue -> cyan -> yellow -> red ('jet'-like)."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
+    v = np.clip(values, 0.0, 1.0)[..., None]  # keeps the input's float type
     red = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
     green = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
     blue = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
@@ -93,9 +93,9 @@ def overlay(display: np.ndarray, cam: np.ndarray) -> np.ndarray:
     stretched = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F").resize(
         (width, height), Image.Resampling.BILINEAR
     )
-    heat = np.clip(np.asarray(stretched, dtype=np.float64), 0.0, 1.0)
-    grey = np.repeat(display[..., None].astype(np.float64) / 255.0, 3, axis=2)
-    alpha = OVERLAY_ALPHA * heat[..., None]  # strong where the model looks, the radiograph elsewhere
+    heat = np.clip(np.asarray(stretched, dtype=np.float32), 0.0, 1.0)  # float32: a picture, twice as fast
+    grey = display[..., None].astype(np.float32) * np.float32(1.0 / 255.0)  # broadcast over RGB, not repeated
+    alpha = np.float32(OVERLAY_ALPHA) * heat[..., None]  # strong where the model looks, the radiograph elsewhere
     blended = (1.0 - alpha) * grey + alpha * _colour_map(heat)
     return np.rint(blended * 255.0).astype(np.uint8)
 

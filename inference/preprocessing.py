@@ -73,6 +73,7 @@ ResizeMethod = Literal["bilinear", "nearest"]
 FrameDecoder = Callable[[DicomHeader], tuple[np.ndarray, str]]  # a DICOM header -> its first frame, photometric
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+DISPLAY_REDUCING_GAP = 2.0  # overlays only; the model input is always resized exactly
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 
 
@@ -222,10 +223,16 @@ def _model_input(grey: Image.Image, size: int, resize: ResizeMethod) -> np.ndarr
 
 
 def _display(grey: Image.Image, max_side: int) -> np.ndarray:
-    """The grey image as displayed, shrunk (never enlarged) so its longer side is at most `max_side`."""
+    """The grey image as displayed, shrunk (never enlarged) so its longer side is at most `max_side`.
+
+    Only overlays are drawn on it (never a model input), so Pillow first box-reduces by an integer factor
+    (``reducing_gap``): half the time of the exact resize on a 2000x2500 radiograph, a difference no one sees.
+    """
     scale = min(1.0, max_side / max(grey.width, grey.height))
     size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
-    return np.asarray(grey if scale == 1.0 else grey.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    if scale == 1.0:
+        return np.asarray(grey, dtype=np.uint8)
+    return np.asarray(grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=DISPLAY_REDUCING_GAP), dtype=np.uint8)
 
 
 def prepare_image_file(

@@ -4,13 +4,15 @@
 
 A study set of --instances DICOM instances (--per-study each; CR and DX from the repository's FracAtlas
 radiographs, resized to --rows x --columns at 12 bits, uncompressed: the size of a real DX) is built once.
-Then, against one `bfd serve` with its DICOM node on and a real Orthanc as the destination:
+Then, against one `bfd serve` with its DICOM node on and a real Orthanc as the PACS on both sides:
 1. HTTP: the instances as application/dicom uploads to /v1/predict, closed loop at --concurrency, after a
    warm-up: img/s (what an HTTP client gets: decode and inference, no heatmap, no result objects);
-2. DICOM: the same instances C-STOREd to the node over --associations parallel associations (a 0xA700 'out
-   of resources' answer is retried after a pause, as a PACS does), and the time until the last result object
-   (SR, a GSPS and an SC per image) is in Orthanc. instances/s = instances / that time.
-Target: DICOM instances/s >= 80% of the HTTP img/s. Orthanc, the sender and the service share the machine.
+2. DICOM: the study set is put in Orthanc first; then, on the clock, Orthanc C-STOREs it to the node, one job
+   per study and --associations jobs (associations) at once, as a PACS routes studies to an AI node, and the
+   node's results (an SR per study, a GSPS and an SC per image) are C-STOREd back into the same studies.
+   instances/s = instances / the time until the last result object is in Orthanc.
+Target: DICOM instances/s >= 80% of the HTTP img/s. Orthanc, the client and the service share the machine, so
+each phase also reports the CPU seconds each process spent, per image.
 JSON and Markdown go to --out (`dicom_benchmark.{json,md}`).
 """
 
@@ -18,19 +20,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 from loadtest.dicom_studies import make_study, part10_bytes
 from loadtest.drivers import closed_loop, encode_bodies
@@ -41,7 +43,7 @@ from loadtest.servers import Server, bfd_serve, free_port
 
 Json = dict[str, Any]
 TARGET_RATIO = 0.8
-OUT_OF_RESOURCES = 0xA700
+NODE_MODALITY = "bfd"  # the node, as Orthanc knows it
 
 
 def study_set(instances: int, per_study: int, rows: int, columns: int) -> list[Dataset]:
@@ -53,67 +55,87 @@ def study_set(instances: int, per_study: int, rows: int, columns: int) -> list[D
     return out
 
 
-def c_store_all(port: int, datasets: Sequence[Dataset], associations: int) -> Json:
-    """Send every instance once, `associations` in parallel; 0xA700 answers are retried after 0.5 s."""
-    queue = list(reversed(datasets))
-    lock = threading.Lock()
-    retries = [0]
+def cpu_seconds(process: psutil.Process, children: bool = True) -> float:
+    """User + system CPU seconds of a process and (with `children`) its live children; nan once it is gone."""
+    total = 0.0
+    try:
+        processes = [process, *(process.children(recursive=True) if children else ())]
+    except psutil.Error:
+        return float("nan")
+    for each in processes:
+        with contextlib.suppress(psutil.Error):
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class CpuMeter:
+    """CPU seconds each process spent between `start()` and `stop()`: where the machine's time went."""
+
+    def __init__(self, processes: dict[str, psutil.Process], client: psutil.Process) -> None:
+        self.processes = processes
+        self.client = client  # this process: its children (the service, Orthanc) are counted on their own
+        self._started: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._started = self._now()
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(process) for name, process in self.processes.items()}
+        return {**now, "benchmark client": cpu_seconds(self.client, children=False)}
+
+    def stop(self, count: int) -> Json:
+        now = self._now()
+        spent = {name: now[name] - self._started[name] for name in now}
+        return {
+            "cpu_s": {name: round(value, 2) for name, value in spent.items()},
+            "cpu_ms_per_image": {name: round(value / count * 1e3, 1) for name, value in spent.items()},
+        }
+
+
+def push_from_orthanc(orthanc: OrthancServer, study_ids: Sequence[str], timeout_s: float) -> Json:
+    """Orthanc (the PACS) C-STOREs every study to the node, one asynchronous job per study, as many jobs at once as
+    its ConcurrentJobs; a failed job (e.g. 0xA700 answered for longer than the node holds a sender) is re-run."""
+    jobs = {orthanc.store_to_modality(NODE_MODALITY, [study], synchronous=False)["ID"]: study for study in study_ids}
     failures: list[str] = []
-
-    def sender() -> None:
-        ae = AE(ae_title="BENCHSCU")
-        for ds in datasets[:1]:
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
-            ae.add_requested_context(sop_class, str(datasets[0].file_meta.TransferSyntaxUID))
-        ae.dimse_timeout = ae.network_timeout = 120
-        assoc = ae.associate("127.0.0.1", port, ae_title="BFD")
-        if not assoc.is_established:
-            failures.append("association not established")
-            return
-        try:
-            while True:
-                with lock:
-                    if not queue:
-                        return
-                    ds = queue.pop()
-                while True:
-                    status = assoc.send_c_store(ds)
-                    code = int(status.Status) if status else -1
-                    if code == OUT_OF_RESOURCES:
-                        with lock:
-                            retries[0] += 1
-                        time.sleep(0.5)
-                        continue
-                    if code != 0:
-                        failures.append(f"{ds.SOPInstanceUID}: status {code:#06x}")
-                    break
-        finally:
-            assoc.release()
-
-    threads = [threading.Thread(target=sender) for _ in range(associations)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {"out_of_resources_retries": retries[0], "failures": failures}
+    resubmitted = 0
+    deadline = time.perf_counter() + timeout_s
+    while jobs and time.perf_counter() < deadline:
+        for job, study in list(jobs.items()):
+            state = orthanc.job(job)["State"]
+            if state == "Success":
+                del jobs[job]
+            elif state == "Failure":
+                del jobs[job]
+                resubmitted += 1
+                if resubmitted > len(study_ids):
+                    failures.append(f"study {study}: store job failed again")
+                    continue
+                jobs[orthanc.store_to_modality(NODE_MODALITY, [study], synchronous=False)["ID"]] = study
+        time.sleep(0.1)
+    failures.extend(f"study {study}: store job unfinished" for study in jobs.values())
+    return {"store_jobs_rerun": resubmitted, "failures": failures}
 
 
-def results_in(orthanc: OrthancServer, study_uids: Sequence[str]) -> int:
-    """Result objects (not the sources: Orthanc got only the results) now in Orthanc for these studies."""
-    return sum(len(orthanc.instance_ids(uid)) for uid in study_uids)
+def results_in(orthanc: OrthancServer, study_uids: Sequence[str], sources: int) -> int:
+    """Result objects now in Orthanc for these studies: every instance there but the sources."""
+    return sum(len(orthanc.instance_ids(uid)) for uid in study_uids) - sources
 
 
-def dicom_path(server: Server, orthanc: OrthancServer, port: int, datasets: Sequence[Dataset], args: Any) -> Json:
+def dicom_path(orthanc: OrthancServer, datasets: Sequence[Dataset], meter: CpuMeter, args: Any) -> Json:
+    for ds in datasets:  # the PACS holds the study set before the clock starts
+        orthanc.upload(part10_bytes(ds))
     study_uids = sorted({str(ds.StudyInstanceUID) for ds in datasets})
+    study_ids = [orthanc.find_study(uid) or "" for uid in study_uids]
     expected = len(study_uids) + 2 * len(datasets)  # an SR per study, a GSPS and an SC per image
+    meter.start()
     started = time.perf_counter()
-    sent = c_store_all(port, datasets, args.associations)
+    sent = push_from_orthanc(orthanc, study_ids, args.result_timeout_s)
     acknowledged = time.perf_counter()
     deadline = acknowledged + args.result_timeout_s
     have = 0
     while time.perf_counter() < deadline:
-        have = results_in(orthanc, study_uids)
+        have = results_in(orthanc, study_uids, len(datasets))
         if have >= expected:
             break
         time.sleep(0.25)
@@ -122,31 +144,38 @@ def dicom_path(server: Server, orthanc: OrthancServer, port: int, datasets: Sequ
     return {
         "instances": len(datasets),
         "studies": len(study_uids),
-        "associations": args.associations,
+        "concurrent_store_jobs": args.associations,
         "seconds_until_all_acknowledged": round(acknowledged - started, 2),
         "seconds_until_last_result_in_orthanc": round(seconds, 2),
         "result_objects_expected": expected,
         "result_objects_in_orthanc": have,
         "instances_per_s": round(len(datasets) / seconds, 2) if have >= expected else 0.0,
         **sent,
+        **meter.stop(len(datasets)),
     }
 
 
-def http_path(server: Server, datasets: Sequence[Dataset], args: Any) -> Json:
+def http_path(server: Server, datasets: Sequence[Dataset], meter: CpuMeter, args: Any) -> Json:
     uploads = [(str(ds.SOPInstanceUID), part10_bytes(ds), "application/dicom") for ds in datasets]
     bodies = encode_bodies(uploads)
     # a well-behaved client (it waits out Retry-After), as the PACS sender waits out 0xA700
+    meter.start()
     result = asyncio.run(
         closed_loop(server, bodies, args.concurrency, args.warmup_s, args.duration_s, False, honour_retry_after=True)
     )
-    return {"concurrency": args.concurrency, **result}
+    answered = max(1, round(result["throughput_img_s"] * (args.warmup_s + args.duration_s)))
+    return {"concurrency": args.concurrency, **result, **meter.stop(answered)}
 
 
 def run(args: argparse.Namespace) -> Json:
     datasets = study_set(args.instances, args.per_study, args.rows, args.columns)
     folder = Path(tempfile.mkdtemp(prefix="bfd-bench-dicom-"))
     port = free_port()
-    with OrthancServer() as orthanc:
+    orthanc_config = {"ConcurrentJobs": args.associations, "DicomScuTimeout": 120}
+    orthanc_env = {"TCP_NODELAY": "1"} if args.pacs_tcp_nodelay else {}
+    with OrthancServer(
+        modalities={NODE_MODALITY: ["BFD", "127.0.0.1", port]}, extra_config=orthanc_config, environment=orthanc_env
+    ) as orthanc:
         env = {
             "BFD_DICOM_PORT": str(port),
             "BFD_DICOM_DESTINATION": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
@@ -155,14 +184,16 @@ def run(args: argparse.Namespace) -> Json:
             "BFD_DICOM_AUDIT_LOG": str(folder / "audit.jsonl"),
         }
         with bfd_serve(args.bundle, folder, env=env) as server:
-            http = http_path(server, datasets, args)
-            dicom = dicom_path(server, orthanc, port, datasets, args)
+            meter = CpuMeter({"service": server.ps, "orthanc": orthanc.process}, psutil.Process())
+            http = http_path(server, datasets, meter, args)
+            dicom = dicom_path(orthanc, datasets, meter, args)
     ratio = dicom["instances_per_s"] / http["throughput_img_s"] if http["throughput_img_s"] else 0.0
     return {
         "benchmark": "dicom_node",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_description(),
         "bundle": str(args.bundle),
+        "pacs": "Orthanc with TCP_NODELAY=1" if args.pacs_tcp_nodelay else "Orthanc as packaged (Nagle on)",
         "images": f"{args.instances} instances, {args.per_study} per study, {args.rows}x{args.columns} 12-bit "
         f"uncompressed CR/DX from the repository's radiographs ({ATTRIBUTION})",
         "http": http,
@@ -173,6 +204,10 @@ def run(args: argparse.Namespace) -> Json:
     }
 
 
+def _cpu(phase: Json) -> str:
+    return ", ".join(f"{name} {ms:.0f}" for name, ms in phase["cpu_ms_per_image"].items())
+
+
 def render_markdown(report: Json) -> str:
     http, dicom = report["http"], report["dicom"]
     latency = http["latency_ms"]
@@ -180,17 +215,19 @@ def render_markdown(report: Json) -> str:
         [
             "# DICOM node vs HTTP, one run",
             "",
-            f"{report['when']}, {report['machine']}; bundle `{report['bundle']}`; {report['images']}.",
+            f"{report['when']}, {report['machine']}; bundle `{report['bundle']}`; {report['pacs']}; "
+            f"{report['images']}.",
             "",
-            "| path | throughput | detail |",
-            "|---|---|---|",
+            "| path | throughput | detail | CPU ms per image |",
+            "|---|---|---|---|",
             f"| HTTP /v1/predict (application/dicom, concurrency {http['concurrency']}) | "
             f"{http['throughput_img_s']:.2f} img/s | p50 {latency['p50'] or 0:.0f} ms, "
-            f"p99 {latency['p99'] or 0:.0f} ms |",
-            f"| DICOM C-STORE -> SR + GSPS + SC in Orthanc ({dicom['associations']} associations) | "
-            f"{dicom['instances_per_s']:.2f} instances/s | all acknowledged after "
+            f"p99 {latency['p99'] or 0:.0f} ms | {_cpu(http)} |",
+            f"| Orthanc C-STORE -> node -> SR + GSPS + SC C-STOREd into Orthanc ({dicom['concurrent_store_jobs']} "
+            f"associations) | {dicom['instances_per_s']:.2f} instances/s | all sent after "
             f"{dicom['seconds_until_all_acknowledged']} s, last result in Orthanc after "
-            f"{dicom['seconds_until_last_result_in_orthanc']} s; {dicom['out_of_resources_retries']} 0xA700 retries |",
+            f"{dicom['seconds_until_last_result_in_orthanc']} s; {dicom['store_jobs_rerun']} store jobs re-run | "
+            f"{_cpu(dicom)} |",
             "",
             f"Ratio DICOM/HTTP: **{report['ratio_dicom_to_http']:.2f}** (target >= {report['target_ratio_min']}: "
             f"{'met' if report['target_met'] else 'NOT met'}).",
@@ -207,11 +244,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=2500)
     parser.add_argument("--columns", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--associations", type=int, default=4)
+    parser.add_argument("--associations", type=int, default=4, help="Orthanc store jobs at once")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--quiet-s", type=float, default=1.0)
     parser.add_argument("--result-timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--pacs-tcp-nodelay",
+        action="store_true",
+        help="start Orthanc with TCP_NODELAY=1 (DCMTK's switch for Nagle's algorithm); default: as packaged",
+    )
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
     args = parser.parse_args(argv)
     report = run(args)

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+import psutil
 import pydicom
 
 from loadtest.servers import free_port
@@ -104,6 +105,7 @@ class OrthancServer:
         stable_age_s: int = 1,
         startup_timeout_s: float = 30.0,
         extra_config: Mapping[str, Any] | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.modalities: dict[str, Modality] = dict(modalities or {})
@@ -112,6 +114,7 @@ class OrthancServer:
         self.stable_age_s = stable_age_s
         self.startup_timeout_s = startup_timeout_s
         self.extra_config = dict(extra_config or {})
+        self.environment = dict(environment or {})  # added to Orthanc's environment (e.g. DCMTK's TCP_NODELAY=1)
         self._own_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="bfd-orthanc-")) if root is None else root
         self.http_port: int | None = None
@@ -141,6 +144,13 @@ class OrthancServer:
     @property
     def log_path(self) -> Path:
         return self.root / "orthanc.log"
+
+    @property
+    def process(self) -> psutil.Process:
+        """The running Orthanc process (psutil), e.g. to read its CPU time."""
+        if self._process is None:
+            raise RuntimeError("Orthanc is not running (call start())")
+        return psutil.Process(self._process.pid)
 
     @property
     def running(self) -> bool:
@@ -203,6 +213,7 @@ class OrthancServer:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             cwd=self.root,
+            env={**os.environ, **self.environment},
         )
         self._client = httpx.Client(base_url=self.http_url, timeout=30.0)
         try:
@@ -314,6 +325,10 @@ class OrthancServer:
         """C-STORE resources (any level) to a modality: POST /modalities/{modality}/store."""
         body = {"Resources": list(resource_ids), "Synchronous": synchronous}
         return dict(self._json("POST", f"/modalities/{modality}/store", body) or {})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """An asynchronous job's state (GET /jobs/{id}): "State" is Pending, Running, Success, Failure, ..."""
+        return dict(self._json("GET", f"/jobs/{job_id}"))
 
     def stow_to_server(self, server: str, resource_ids: Iterable[str]) -> dict[str, Any]:
         """STOW-RS resources to a DICOMweb server: POST /dicom-web/servers/{server}/stow (synchronous)."""

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     dicom_outputs: Annotated[list[str], NoDecode] = Field(
         ["sr", "gsps", "sc"], description="result objects to send: sr, gsps, sc (comma-separated)"
     )
+    dicom_build_processes: int = Field(
+        1, ge=0, le=16, description="worker processes building the result objects (0: a thread of the service)"
+    )
     dicom_audit_log: Path = Field(Path("bfd-dicom-audit.jsonl"), description="the node's audit log (JSON lines)")
     dicom_retry_initial_s: float = Field(2.0, gt=0.0, description="first delivery retry after this; doubling")
     dicom_retry_max_s: float = Field(300.0, gt=0.0, description="longest wait between delivery retries")
@@ -210,6 +213,7 @@ class Settings(BaseSettings):
             study_max_instances=self.dicom_study_max_instances,
             held_bytes_budget=self.dicom_held_bytes_budget,
             outputs=tuple(self.dicom_outputs),
+            build_processes=self.dicom_build_processes,
             audit_log=self.dicom_audit_log,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,

@@ -1,5 +1,6 @@
-"""The node's study grouping and its STOW-RS body parsing, without a network: quiet time, the instance
-count, duplicates, the held-bytes budget, flush on shutdown; multipart/related parts and the store response."""
+"""The node's study grouping and its STOW-RS body parsing, without a network: quiet time (kept open while an
+instance waits for room), the instance count, duplicates, the held-bytes budget, flush on shutdown;
+multipart/related parts and the store response."""
 
 from __future__ import annotations
 
@@ -47,6 +48,23 @@ async def test_a_study_is_answered_once_quiet_with_every_instance_once() -> None
     assert sorted(study.instances) == ["1", "2", "3"]
     await collector.drain()
     assert collector.held_bytes == 0  # released once answered
+
+
+async def test_an_instance_waiting_for_room_keeps_its_study_open() -> None:
+    """A sender held back by the budget (the node touches the study while it waits) must not see its study
+    answered in two parts: the quiet time runs from the last touch, not from the last instance taken."""
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=0.2, max_instances=100, held_bytes_budget=10_000)
+    collector.add(_instance("S1", "1"))
+    for _ in range(8):  # 0.4 s of waiting: twice the quiet time
+        await asyncio.sleep(0.05)
+        collector.touch("S1")
+    collector.touch("S2")  # a study with nothing taken yet: nothing to keep open
+    assert seen.studies == []
+    collector.add(_instance("S1", "2"))
+    await asyncio.wait_for(seen.arrived.wait(), 5)
+    assert [sorted(s.instances) for s in seen.studies] == [["1", "2"]]
+    assert collector.waiting_studies == 0
 
 
 async def test_a_full_study_is_answered_at_once_and_the_rest_starts_a_new_group() -> None:

@@ -606,3 +606,60 @@ def test_the_gsps_window_from_the_cores_rendering_equals_the_one_found_by_decodi
     [decoded] = _window_for(parsed) or []
     assert from_core.WindowCenter == decoded.WindowCenter
     assert from_core.WindowWidth == decoded.WindowWidth
+
+
+@pytest.mark.parametrize("name", ["european", "japanese"])
+def test_the_node_builds_the_same_objects_in_a_worker_from_the_headers_alone(
+    name: str, request: pytest.FixtureRequest
+) -> None:
+    """The DICOM node builds in a worker process from sources without their pixel data: same objects, the
+    patient data still byte for byte, the sources untouched; a worker that died is replaced."""
+    from dicom_node.object_builder import ObjectBuilder
+
+    case: Case = request.getfixturevalue(name)
+    patient = EUROPEAN if name == "european" else JAPANESE
+    builder = ObjectBuilder(1)
+
+    async def build_twice() -> tuple[list[bytes], list[bytes]]:
+        first = await builder.build(case.findings, case.study, case.algorithm, RESULT_KINDS)
+        executor: Any = builder._executor
+        for process in list(executor._processes.values()):  # the worker dies between two studies
+            process.kill()
+            process.join()
+        second = await builder.build(case.findings, case.study, case.algorithm, RESULT_KINDS)
+        return [o.payload for o in first], [o.payload for o in second]
+
+    try:
+        first, second = asyncio.run(build_twice())
+    finally:
+        builder.close()
+    assert all("PixelData" in finding.source for finding in case.findings)
+    for written in (first, second):
+        parsed = [pydicom.dcmread(io.BytesIO(data)) for data in written]
+        assert [str(d.SOPClassUID) for d in parsed] == [str(o.SOPClassUID) for o in case.objects]
+        for data in written:
+            for keyword in (*patient.attributes, "SpecificCharacterSet", "StudyInstanceUID"):
+                assert raw_value(data, keyword) == raw_value(case.files[0], keyword), keyword
+    [sr_bytes] = [data for data in first if pydicom.dcmread(io.BytesIO(data)).SOPClassUID in SR_CLASSES]
+    assert sorted(groups_of(hd.sr.srread(io.BytesIO(sr_bytes)).content)) == sorted(groups_of(sr_of(case).content))
+
+
+def test_the_text_band_has_the_pixels_drawing_the_text_gives() -> None:
+    """Lines are rendered once and pasted (`with_text_band` caches them): the very pixels of drawing each line
+    on the band, also for non-Latin text and for a line wider than the image (clipped alike)."""
+    from PIL import ImageDraw, ImageFont
+
+    from inference.dicom_objects.secondary_capture import BAND_LINE_PX, with_text_band
+
+    rng = np.random.default_rng(7)
+    lines = ["RESEARCH USE ONLY - not a diagnosis", "Ünïcødé ÄÖ ß – “quotes” …", "P(fractured) = 0.512", "w" * 300]
+    for width in (64, 410):
+        rgb = rng.integers(0, 256, (120, width, 3), dtype=np.uint8)
+        band = BAND_LINE_PX * len(lines) + 8
+        expected = Image.new("RGB", (width, 120 + band), (0, 0, 0))
+        expected.paste(Image.fromarray(rgb, mode="RGB"), (0, band))
+        draw, font = ImageDraw.Draw(expected), ImageFont.load_default()
+        for index, line in enumerate(lines):
+            draw.text((4, 4 + index * BAND_LINE_PX), line, fill=(255, 255, 255), font=font)
+        for _ in range(2):  # rendered, then from the cache
+            assert np.array_equal(with_text_band(rgb, lines), np.asarray(expected))

@@ -7,6 +7,7 @@ Comments. Without an overlay the object is the text band alone (the source is no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,11 +35,21 @@ def with_text_band(rgb: np.ndarray | None, lines: Sequence[str]) -> np.ndarray:
     canvas = Image.new("RGB", (width, height + band), (0, 0, 0))
     if rgb is not None:
         canvas.paste(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB"), (0, band))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
     for index, line in enumerate(lines):
-        draw.text((4, 4 + index * BAND_LINE_PX), line, fill=(255, 255, 255), font=font)
+        canvas.paste((255, 255, 255), (4, 4 + index * BAND_LINE_PX), _line_mask(line))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=1024)
+def _line_mask(line: str) -> Image.Image:
+    """One line of text as an L mask, rendered once: most lines of a summary (the disclaimer, the untrained
+    warning, the model) repeat on every image, and FreeType takes about a millisecond a line. White pasted
+    through it onto the black band gives the very pixels drawing the text there would."""
+    font = ImageFont.load_default()
+    left, top, right, bottom = font.getbbox(line)
+    mask = Image.new("L", (max(1, int(right)), max(1, int(bottom))), 0)
+    ImageDraw.Draw(mask).text((0, 0), line, fill=255, font=font)
+    return mask
 
 
 def secondary_capture_image(
