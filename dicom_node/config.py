@@ -22,5 +22,6 @@ class NodeConfig:
     build_processes: int = 1  # worker processes building the result objects (0: a thread of the service)
     audit_log: Path = field(default_factory=lambda: Path("bfd-dicom-audit.jsonl"))
     delivery_timeout_s: float = 30.0
+    delivery_associations: int = 4  # batches sent at once (C-STORE associations or STOW-RS requests)
     retry_initial_s: float = 2.0
     retry_max_s: float = 300.0

@@ -81,6 +81,7 @@ class DicomNode:
             timeout_s=config.delivery_timeout_s,
             retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s,
+            parallel=config.delivery_associations,
         )
         self.scp: StorageSCP | None = None
         self.stopping = False

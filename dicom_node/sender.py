@@ -1,11 +1,13 @@
 """The delivery loop: takes what is due from the outbox, sends it, and records each attempt.
 
-Results are sent in batches (one association or one STOW-RS request per destination and round); a batch
-that fails for a reason that may pass (destination down, out of resources) is retried with back-off
-(`retry_initial_s` doubling to `retry_max_s`); a permanent refusal of a batch is retried one object at a
-time, so one bad object cannot hold back the others, and an object refused on its own is given up (kept in
-the outbox and the audit with the reason). A database outage only delays the loop. Each attempt goes to
-the audit log. `wake()` starts a round at once (new results); otherwise the loop looks every `poll_s`.
+Results are sent in batches of up to BATCH objects, each batch one association or one STOW-RS request, up
+to `parallel` batches at once: a C-STORE waits for its answer, so a PACS that answers slowly (Orthanc as
+packaged: about 50 ms an object) is fed over several associations rather than one. A batch that fails for a
+reason that may pass (destination down, out of resources) is retried with back-off (`retry_initial_s`
+doubling to `retry_max_s`); a permanent refusal of a batch is retried one object at a time, so one bad
+object cannot hold back the others, and an object refused on its own is given up (kept in the outbox and
+the audit with the reason). A database outage only delays the loop. Each attempt goes to the audit log.
+`wake()` starts a round at once (new results); otherwise the loop looks every `poll_s`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from dicom_node.outbox import Claimed, Outbox
 
 log = logging.getLogger(__name__)
 
-BATCH = 32
+BATCH = 16
+PARALLEL = 4  # batches (associations, STOW-RS requests) in flight at once, all destinations together
 POLL_S = 1.0
 
 
@@ -39,7 +42,10 @@ class DeliveryLoop:
         retry_initial_s: float,
         retry_max_s: float,
         poll_s: float = POLL_S,
+        parallel: int = PARALLEL,
     ) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
         self.outbox = outbox
         self.audit = audit
         # the outbox names a destination by `describe()` (no credentials); the configured ones are known by it
@@ -49,6 +55,7 @@ class DeliveryLoop:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.poll_s = poll_s
+        self.parallel = parallel
         self.lease_s = max(60.0, 4 * timeout_s)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -87,12 +94,22 @@ class DeliveryLoop:
     async def round(self) -> int:
         """One round: claim what is due and try it; returns how many entries were tried."""
         now = datetime.now(UTC)
-        claimed = await self.outbox.claim(BATCH, now, self.lease_s)
+        claimed = await self.outbox.claim(BATCH * self.parallel, now, self.lease_s)
         by_destination: dict[str, list[Claimed]] = defaultdict(list)
         for entry in claimed:
             by_destination[entry.destination].append(entry)
-        for destination, entries in by_destination.items():
-            await self._send(destination, entries, one_by_one_on_refusal=True)
+        batches = [
+            (destination, entries[start : start + BATCH])
+            for destination, entries in by_destination.items()
+            for start in range(0, len(entries), BATCH)
+        ]
+        slots = asyncio.Semaphore(self.parallel)
+
+        async def send(destination: str, entries: Sequence[Claimed]) -> None:
+            async with slots:
+                await self._send(destination, entries, one_by_one_on_refusal=True)
+
+        await asyncio.gather(*(send(destination, entries) for destination, entries in batches))
         return len(claimed)
 
     async def _send(self, destination: str, entries: Sequence[Claimed], *, one_by_one_on_refusal: bool) -> None:

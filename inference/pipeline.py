@@ -9,7 +9,7 @@ check call it too, so they measure the code that serves.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,9 @@ class ItemPrediction:
     body_part_probs: np.ndarray | None  # (P,) router probabilities; None when a hint skipped the split router
     p_fractured: float
     feature_map: np.ndarray | None  # (7, 7, 2048) when asked for
+    # P(fractured) under every part's specialist, when one pass computed them all (a fused graph): a study
+    # whose part is another than this image's reads it here instead of running the image again.
+    p_fractured_by_part: Mapping[str, float] | None = None
 
 
 def predict_batch(
@@ -70,6 +73,9 @@ def _predict_fused(
                 body_part_probs=outputs.body_part_probs[i],
                 p_fractured=float(outputs.p_fractured[i, part_index]),
                 feature_map=outputs.feature_map[i] if wants[i] and outputs.feature_map is not None else None,
+                p_fractured_by_part={
+                    part: float(outputs.p_fractured[i, j]) for j, part in enumerate(engine.body_parts)
+                },
             )
         )
     return results

@@ -309,22 +309,24 @@ class Predictor:
     async def study_of(self, results: Sequence[ImageResult], images: Sequence[ImagePrediction]) -> StudyResponse:
         """The study's answer from its images' results and answers (MURA's study rule)."""
         part, mean_probs, source = study_part(self.manifest, images)
-        # Images another specialist answered run again under the study's part (only those; usually none).
-        others = [r for r in results if r.prediction.body_part != part]
-        rerun: list[_Answer] = []
+        # Images another specialist answered are scored under the study's part: read from the one pass that
+        # scored every part (a fused graph), else run again (a split graph; only those, usually none).
+        p_values: list[float | None] = [_p_under(r.prediction, part) for r in results]
+        others = [i for i, p in enumerate(p_values) if p is None]
         if others:
             more = self.admit(len(others), deadline=False)  # the study was admitted; this is its own work
-            rerun = list(
-                await asyncio.gather(
-                    *(
-                        self._submit(ticket, _Item(r.prepared.pixels, part, False))
-                        for ticket, r in zip(more, others, strict=True)
-                    )
+            rerun = await asyncio.gather(
+                *(
+                    self._submit(ticket, _Item(results[i].prepared.pixels, part, False))
+                    for ticket, i in zip(more, others, strict=True)
                 )
             )
-        under_part = {id(r): a.prediction.p_fractured for r, a in zip(others, rerun, strict=True)}
-        p_values = [under_part.get(id(r), r.prediction.p_fractured) for r in results]
-        study = study_answer(self.manifest, images, part, mean_probs, source, p_values, self.policy)
+            for i, answer in zip(others, rerun, strict=True):
+                p_values[i] = answer.prediction.p_fractured
+        scores = [p for p in p_values if p is not None]
+        if len(scores) != len(results):
+            raise RuntimeError("an image of the study has no P(fractured) under the study's part")
+        study = study_answer(self.manifest, images, part, mean_probs, source, scores, self.policy)
         first = images[0]
         return StudyResponse(
             study=study, predictions=list(images), model=first.model, warnings=_distinct_warnings(images)
@@ -365,6 +367,13 @@ class Predictor:
         )
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return [_Answer(p, elapsed_ms, len(items)) for p in predictions]
+
+
+def _p_under(prediction: ItemPrediction, part: str) -> float | None:
+    """P(fractured) of an image under `part`'s specialist when known without running it again."""
+    if prediction.body_part == part:
+        return prediction.p_fractured
+    return None if prediction.p_fractured_by_part is None else prediction.p_fractured_by_part.get(part)
 
 
 def _distinct_warnings(images: Sequence[ImagePrediction]) -> list[str]:

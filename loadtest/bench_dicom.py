@@ -55,41 +55,44 @@ def study_set(instances: int, per_study: int, rows: int, columns: int) -> list[D
     return out
 
 
-def cpu_seconds(process: psutil.Process, children: bool = True) -> float:
-    """User + system CPU seconds of a process and (with `children`) its live children; nan once it is gone."""
-    total = 0.0
+def cpu_times(process: psutil.Process, children: bool = True) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and (with `children`) its live children; nan once it is gone."""
+    user = system = 0.0
     try:
         processes = [process, *(process.children(recursive=True) if children else ())]
     except psutil.Error:
-        return float("nan")
+        return float("nan"), float("nan")
     for each in processes:
         with contextlib.suppress(psutil.Error):
             times = each.cpu_times()
-            total += times.user + times.system
-    return total
+            user, system = user + times.user, system + times.system
+    return user, system
 
 
 class CpuMeter:
-    """CPU seconds each process spent between `start()` and `stop()`: where the machine's time went."""
+    """CPU seconds each process spent between `start()` and `stop()`: where the machine's time went (system
+    time apart: moving 10 MB instances over loopback sockets is the kernel's work)."""
 
     def __init__(self, processes: dict[str, psutil.Process], client: psutil.Process) -> None:
         self.processes = processes
         self.client = client  # this process: its children (the service, Orthanc) are counted on their own
-        self._started: dict[str, float] = {}
+        self._started: dict[str, tuple[float, float]] = {}
 
     def start(self) -> None:
         self._started = self._now()
 
-    def _now(self) -> dict[str, float]:
-        now = {name: cpu_seconds(process) for name, process in self.processes.items()}
-        return {**now, "benchmark client": cpu_seconds(self.client, children=False)}
+    def _now(self) -> dict[str, tuple[float, float]]:
+        now = {name: cpu_times(process) for name, process in self.processes.items()}
+        return {**now, "benchmark client": cpu_times(self.client, children=False)}
 
     def stop(self, count: int) -> Json:
         now = self._now()
-        spent = {name: now[name] - self._started[name] for name in now}
+        user = {name: now[name][0] - self._started[name][0] for name in now}
+        system = {name: now[name][1] - self._started[name][1] for name in now}
         return {
-            "cpu_s": {name: round(value, 2) for name, value in spent.items()},
-            "cpu_ms_per_image": {name: round(value / count * 1e3, 1) for name, value in spent.items()},
+            "cpu_s": {name: round(user[name] + system[name], 2) for name in now},
+            "cpu_ms_per_image": {name: round((user[name] + system[name]) / count * 1e3, 1) for name in now},
+            "system_ms_per_image": {name: round(system[name] / count * 1e3, 1) for name in now},
         }
 
 
@@ -205,7 +208,8 @@ def run(args: argparse.Namespace) -> Json:
 
 
 def _cpu(phase: Json) -> str:
-    return ", ".join(f"{name} {ms:.0f}" for name, ms in phase["cpu_ms_per_image"].items())
+    system = phase["system_ms_per_image"]
+    return ", ".join(f"{name} {ms:.0f} ({system[name]:.0f} system)" for name, ms in phase["cpu_ms_per_image"].items())
 
 
 def render_markdown(report: Json) -> str:

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
         1, ge=0, le=16, description="worker processes building the result objects (0: a thread of the service)"
     )
     dicom_audit_log: Path = Field(Path("bfd-dicom-audit.jsonl"), description="the node's audit log (JSON lines)")
+    dicom_delivery_associations: int = Field(
+        4, ge=1, le=64, description="result batches sent at once (C-STORE associations or STOW-RS requests)"
+    )
     dicom_retry_initial_s: float = Field(2.0, gt=0.0, description="first delivery retry after this; doubling")
     dicom_retry_max_s: float = Field(300.0, gt=0.0, description="longest wait between delivery retries")
 
@@ -215,6 +218,7 @@ class Settings(BaseSettings):
             outputs=tuple(self.dicom_outputs),
             build_processes=self.dicom_build_processes,
             audit_log=self.dicom_audit_log,
+            delivery_associations=self.dicom_delivery_associations,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,
         )

@@ -179,12 +179,25 @@ async def test_study_answer_is_the_mean_of_its_images(client: httpx.AsyncClient)
     assert body["warnings"]
 
 
-async def test_a_misrouted_view_is_rescored_by_the_studys_part(client: httpx.AsyncClient) -> None:
+async def _images_inferred(client: httpx.AsyncClient) -> float:
+    """Images through the model so far (the batch-size histogram's sum)."""
+    text = (await client.get("/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("bfd_batch_size_sum"))
+
+
+async def test_a_misrouted_view_is_rescored_by_the_studys_part(
+    client: httpx.AsyncClient, request: pytest.FixtureRequest
+) -> None:
     hand_views = [png_for_part(1, -3), png_for_part(1, 4)]
     elbow_view = png_for_part(0, 2)  # routed to elbow on its own
     images = [*hand_views, elbow_view]
+    before = await _images_inferred(client)
     response = await client.post("/v1/studies", files=[("file", (f"v{i}.png", d)) for i, d in enumerate(images)])
     body = response.json()
+    # A fused graph scored every part in its one pass: nothing runs again. A split graph runs the elbow view
+    # once more, under the hand specialist.
+    form = request.node.callspec.params["bundle"]
+    assert await _images_inferred(client) - before == (3 if form == "fused" else 4)
     assert [p["body_part"]["label"] for p in body["predictions"]] == ["hand", "hand", "elbow"]
     # the elbow view's own answer comes from the elbow specialist...
     assert body["predictions"][2]["fracture"]["probability"] == pytest.approx(

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -317,10 +319,16 @@ def test_a_wrong_dicomweb_path_is_not_retriable(orthanc: OrthancServer) -> None:
 class StoreSCP:
     """A real pynetdicom storage SCP on a free loopback port that keeps what it receives and answers `status`."""
 
-    def __init__(self, status: int = 0x0000, *, storage: bool = True, ae_title: str = "BFDSCP") -> None:
+    def __init__(
+        self, status: int = 0x0000, *, storage: bool = True, ae_title: str = "BFDSCP", answer_after_s: float = 0.0
+    ) -> None:
         self.status = status
         self.ae_title = ae_title
+        self.answer_after_s = answer_after_s  # a slow PACS: each C-STORE answered this much later
         self.received: list[Dataset] = []
+        self.storing = 0  # C-STOREs being answered right now (each association has its own thread)
+        self.most_at_once = 0
+        self._count_lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
         if storage:
             self._ae.supported_contexts = StoragePresentationContexts
@@ -332,10 +340,18 @@ class StoreSCP:
         self.port = int(self._server.server_address[1])
 
     def _store(self, event: Any) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        self.received.append(ds)
-        return self.status
+        with self._count_lock:
+            self.storing += 1
+            self.most_at_once = max(self.most_at_once, self.storing)
+        try:
+            time.sleep(self.answer_after_s)
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            return self.status
+        finally:
+            with self._count_lock:
+                self.storing -= 1
 
     @property
     def destination(self) -> Destination:
@@ -504,3 +520,32 @@ def test_stop_and_start_keep_instances_ports_and_runtime_configuration(orthanc: 
     assert (orthanc.http_port, orthanc.dicom_port) == ports
     assert len(orthanc.study_instances(study_of(images))) == 2
     assert orthanc.client.get("/modalities").json().count("kept") == 1
+
+
+@pytest.mark.anyio
+async def test_the_delivery_loop_feeds_a_slow_pacs_over_several_associations(database_url: str, tmp_path: Path) -> None:
+    """A C-STORE waits for its answer: with a PACS that answers slowly, batches go over up to `parallel`
+    associations at once, every object arrives once, and each is marked delivered in the outbox."""
+    from dicom_node.audit import AuditLog
+    from dicom_node.outbox import ResultObject
+    from dicom_node.sender import BATCH, DeliveryLoop
+    from service.outbox import StoreOutbox
+    from service.store import ResultsStore
+
+    scp = StoreSCP(answer_after_s=0.05)
+    store = ResultsStore(database_url)
+    try:
+        await store.ensure_ready()
+        outbox = StoreOutbox(store)
+        images = make_study(3 * BATCH, size=(16, 16))
+        objects = [ResultObject(str(ds.SOPClassUID), str(ds.SOPInstanceUID), part10_bytes(ds)) for ds in images]
+        await outbox.put("study", scp.destination.describe(), objects)
+        loop = DeliveryLoop(outbox, AuditLog(tmp_path / "audit.jsonl"), [scp.destination], calling_ae="BFD",
+                            timeout_s=30, retry_initial_s=1, retry_max_s=1, parallel=3)  # fmt: skip
+        assert await loop.round() == 3 * BATCH
+        assert await outbox.pending() == 0
+    finally:
+        await store.close()
+        scp.close()
+    assert sorted(str(ds.SOPInstanceUID) for ds in scp.received) == sorted(o.sop_instance_uid for o in objects)
+    assert 2 <= scp.most_at_once <= 3
