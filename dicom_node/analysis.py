@@ -1,9 +1,12 @@
 """A received study through the core, and its DICOM result objects: the same predictor, admission and
 batcher as HTTP traffic, so DICOM and HTTP share one queue and one set of models.
 
-Each instance is decoded and answered on its own (concurrently, so they still share batches): one instance
-that cannot be decoded is reported as refused, with its reason, and the rest of the study is answered.
-Instances were already acknowledged to the sender, so a full queue here is waited out, never a loss.
+Each instance is decoded, answered and explained on its own as soon as it is taken (`begin`), while the rest
+of its study is still arriving, so receiving and analysing overlap and a study is answered soon after its
+last instance: only the study's answer and the result objects wait for the study to be complete. Once an
+instance is analysed, its parsed pixel data is let go (the result objects read the header alone). One
+instance that cannot be decoded is reported as refused, with its reason, and the rest of the study is
+answered. Instances were already acknowledged to the sender, so a full queue here is waited out, never a loss.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dicom_node.object_builder import ObjectBuilder
+from dicom_node.object_builder import ObjectBuilder, without_pixel_data
 from dicom_node.outbox import ResultObject
-from dicom_node.studies import ReceivedStudy
+from dicom_node.studies import ReceivedInstance, ReceivedStudy
 from inference.batching import QueueFullError
 from inference.dicom_objects import ImageFinding
 from inference.errors import InferenceError
@@ -43,11 +46,31 @@ class StudyAnalyser:
         self.outputs = tuple(outputs)
         self.algorithm = predictor.algorithm
         self.builder = builder or ObjectBuilder(0)
+        self._early: dict[int, asyncio.Task[tuple[ImageResult, Explained]]] = {}  # by id() of the instance
+
+    @property
+    def in_progress(self) -> int:
+        """Instances whose analysis has begun and whose study has not been answered yet."""
+        return len(self._early)
+
+    def begin(self, instance: ReceivedInstance) -> None:
+        """Start an instance's analysis now, while its study is still arriving (`analyse` picks it up)."""
+        task = asyncio.get_running_loop().create_task(self._prepare(instance), name="dicom-instance")
+        self._early[id(instance)] = task
+
+    def drop(self, instance: ReceivedInstance) -> None:
+        """Forget an instance's analysis (the same SOP Instance UID arrived again and replaced it)."""
+        task = self._early.pop(id(instance), None)
+        if task is not None:
+            task.cancel()
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: nobody wants it any more
 
     async def analyse(self, study: ReceivedStudy) -> StudyOutcome:
         instances = list(study.instances.values())
-        runs = await asyncio.gather(*(self._run(i.sop_instance_uid, i.data) for i in instances), return_exceptions=True)
+        runs = await asyncio.gather(*(self._prepared(i) for i in instances), return_exceptions=True)
         results: list[ImageResult] = []
+        explained: list[Explained] = []
         refused: list[dict[str, str]] = []
         for instance, run in zip(instances, runs, strict=True):
             if isinstance(run, InferenceError):
@@ -55,10 +78,10 @@ class StudyAnalyser:
             elif isinstance(run, BaseException):
                 raise run
             else:
-                results.append(run)
+                results.append(run[0])
+                explained.append(run[1])
         if not results:
             return StudyOutcome([], [], refused, None, self._thresholds())
-        explained: list[Explained] = list(await asyncio.gather(*(self.predictor.explain(r) for r in results)))
         response: StudyResponse = await self.predictor.study_of(results, [e.answer for e in explained])
         findings = [
             ImageFinding(
@@ -93,10 +116,21 @@ class StudyAnalyser:
     def _thresholds(self) -> dict[str, Any]:
         return {part: t.model_dump(mode="json") for part, t in self.predictor.manifest.thresholds.items()}
 
-    async def _run(self, name: str, data: bytes) -> ImageResult:
+    async def _prepared(self, instance: ReceivedInstance) -> tuple[ImageResult, Explained]:
+        task = self._early.pop(id(instance), None)
+        return await (task if task is not None else self._prepare(instance))
+
+    async def _prepare(self, instance: ReceivedInstance) -> tuple[ImageResult, Explained]:
+        """Decode, answer and explain one instance; its result keeps the source's header, not its pixels."""
         tickets = await self._admit()
-        (result,) = await self.predictor.run_images(tickets, [Upload(data, name, heatmap=True, dicom=True)])
-        return result
+        upload = Upload(instance.data, instance.sop_instance_uid, heatmap=True, dicom=True)
+        (result,) = await self.predictor.run_images(tickets, [upload])
+        explained = await self.predictor.explain(result)
+        dicom = result.prepared.dicom
+        if dicom is not None:  # the parsed pixel data (as large as the file) is not needed any more
+            header = replace(dicom, dataset=without_pixel_data(dicom.dataset))
+            result = replace(result, prepared=replace(result.prepared, dicom=header))
+        return result, explained
 
     async def _admit(self) -> list[AnswerTicket]:
         """A queue slot, waited for: the sender was told 'stored', so this work cannot be refused any more."""

@@ -136,7 +136,11 @@ class DicomNode:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, "shutting down", door, calling_ae)
         if (reason := await self._wait_for_room(len(data), study_uid)) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
-        self.collector.add(ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer))
+        instance = ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer)
+        self.analyser.begin(instance)  # analysed while the rest of its study arrives
+        replaced = self.collector.add(instance)
+        if replaced is not None:
+            self.analyser.drop(replaced)
         return Receipt(SUCCESS, sop_class, sop_instance)
 
     async def _wait_for_room(self, size: int, study_uid: str) -> str | None:

@@ -78,8 +78,9 @@ class StudyCollector:
     def can_hold(self, size: int) -> bool:
         return self._held + size <= self.held_bytes_budget
 
-    def add(self, instance: ReceivedInstance) -> None:
-        """Take one instance (the door checked `can_hold` first); it is answered with its study."""
+    def add(self, instance: ReceivedInstance) -> ReceivedInstance | None:
+        """Take one instance (the door checked `can_hold` first); it is answered with its study. Returns the
+        instance it replaced (the same SOP Instance UID sent again while its study waits), if any."""
         study = self._open.get(instance.study_uid)
         if study is None:
             study = self._open[instance.study_uid] = ReceivedStudy(instance.study_uid)
@@ -90,8 +91,9 @@ class StudyCollector:
         self._held += len(instance.data)
         if len(study.instances) >= self.max_instances:
             self._close(instance.study_uid)
-            return
-        self._rearm(instance.study_uid)
+        else:
+            self._rearm(instance.study_uid)
+        return previous
 
     def touch(self, study_uid: str) -> None:
         """An instance of this study is on its way (e.g. waiting for room): its study is not quiet yet, so the

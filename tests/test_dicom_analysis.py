@@ -1,0 +1,121 @@
+"""The node's analysis through the real core (a tiny bundle, onnxruntime): each instance is analysed as soon
+as it is taken, while its study is still arriving, and lets its parsed pixel data go; the study waits only
+for its answer and its objects; an instance sent again replaces the first one's analysis."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from factories import build_tiny_bundle
+
+from dicom_node.analysis import StudyAnalyser, StudyOutcome
+from dicom_node.object_builder import ObjectBuilder
+from dicom_node.studies import ReceivedInstance, ReceivedStudy, StudyCollector
+from inference.bundle import load_bundle
+from inference.config import PredictorConfig
+from inference.predictor import Predictor
+from loadtest.dicom_studies import make_study, part10_bytes
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def analyser(tmp_path: Path) -> AsyncIterator[StudyAnalyser]:
+    predictor = Predictor(load_bundle(build_tiny_bundle(tmp_path / "tiny")), PredictorConfig())
+    await predictor.start()
+    try:
+        yield StudyAnalyser(predictor, ("sr", "gsps"), ObjectBuilder(0))
+    finally:
+        await predictor.stop()
+
+
+def _instances(count: int) -> list[ReceivedInstance]:
+    out = []
+    for ds in make_study(count, modality="DX", bits_stored=12, size=(300, 240)):
+        data = part10_bytes(ds)
+        uid = str(ds.SOPInstanceUID)
+        out.append(ReceivedInstance(str(ds.StudyInstanceUID), str(ds.SOPClassUID), uid, data, "dimse", "PACS"))
+    return out
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyser: StudyAnalyser) -> None:
+    outcomes: list[StudyOutcome] = []
+
+    async def answer(study: ReceivedStudy) -> None:
+        outcomes.append(await analyser.analyse(study))
+
+    collector = StudyCollector(answer, quiet_s=60, max_instances=3, held_bytes_budget=10**9)
+    first, second, third = _instances(3)
+    for instance in (first, second):
+        analyser.begin(instance)
+        assert collector.add(instance) is None
+    early = dict(analyser._early)
+    assert len(early) == 2
+    await _until(lambda: all(task.done() for task in early.values()))
+    assert collector.waiting_studies == 1  # analysed, and the study is still open: nothing answered yet
+    assert outcomes == []
+    for task in early.values():
+        result, explained = task.result()
+        assert result.prepared.dicom is not None
+        assert "PixelData" not in result.prepared.dicom.dataset  # let go once analysed
+        assert explained.cam is not None
+
+    analyser.begin(third)
+    collector.add(third)  # the third instance completes the study
+    await collector.drain()
+    (outcome,) = outcomes
+    assert sorted(image["sop_instance_uid"] for image in outcome.images) == sorted(
+        i.sop_instance_uid for i in (first, second, third)
+    )
+    assert outcome.refused == []
+    objects = [pydicom.dcmread(io.BytesIO(o.payload)) for o in outcome.objects]
+    assert [d.Modality for d in objects] == ["SR", "PR", "PR", "PR"]
+    assert analyser.in_progress == 0
+
+
+async def test_an_instance_sent_again_replaces_the_first_ones_analysis(analyser: StudyAnalyser) -> None:
+    outcomes: list[StudyOutcome] = []
+
+    async def answer(study: ReceivedStudy) -> None:
+        outcomes.append(await analyser.analyse(study))
+
+    collector = StudyCollector(answer, quiet_s=60, max_instances=10, held_bytes_budget=10**9)
+    (instance,) = _instances(1)
+    again = ReceivedInstance(**{**instance.__dict__, "data": instance.data + b""})  # the same UIDs, new bytes
+    analyser.begin(instance)
+    collector.add(instance)
+    analyser.begin(again)
+    replaced = collector.add(again)
+    assert replaced is instance
+    analyser.drop(replaced)
+    assert analyser.in_progress == 1
+    await collector.flush()
+    (outcome,) = outcomes
+    assert [image["sop_instance_uid"] for image in outcome.images] == [instance.sop_instance_uid]
+    assert analyser.in_progress == 0
+
+
+async def test_an_instance_that_cannot_be_decoded_is_reported_and_the_rest_answered(
+    analyser: StudyAnalyser,
+) -> None:
+    good, bad = _instances(2)
+    broken = ReceivedInstance(**{**bad.__dict__, "data": bad.data[: len(bad.data) // 2]})  # pixel data cut short
+    study = ReceivedStudy(good.study_uid)
+    for instance in (good, broken):
+        analyser.begin(instance)
+        study.instances[instance.sop_instance_uid] = instance
+    outcome = await analyser.analyse(study)
+    assert [image["sop_instance_uid"] for image in outcome.images] == [good.sop_instance_uid]
+    assert [r["sop_instance_uid"] for r in outcome.refused] == [broken.sop_instance_uid]
+    assert outcome.refused[0]["reason"]
