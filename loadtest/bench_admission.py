@@ -62,8 +62,9 @@ def run_bundle(
         result["answer"] = asyncio.run(answer_of(server.url, bodies[0]))
         steps = []
         for concurrency in args.concurrency:
-            # Clients that honour Retry-After, as curl and any well-behaved client do: a client retrying a 503
-            # at once measures the cost of refusals, which the overload step measures anyway.
+            # Clients that honour Retry-After and then send the same image again, as any well-behaved client
+            # does: the answered mix stays the offered mix, the one the overload step offers (a client
+            # retrying a 503 at once measures the cost of refusals, which the overload step measures anyway).
             step = asyncio.run(
                 closed_loop(server, bodies, concurrency, args.warmup_s, args.duration_s, True, honour_retry_after=True)
             )

@@ -111,8 +111,12 @@ async def closed_loop(
 ) -> Json:
     """`concurrency` clients each sending the next request as soon as the last came back.
 
-    With `honour_retry_after`, a client told 503 + Retry-After waits that long first, as a well-behaved
-    client does; otherwise it retries at once (the harshest client).
+    With `honour_retry_after`, a client told 503 + Retry-After waits that long and then sends the same image
+    again, as a well-behaved client does (it still needs that image's answer); otherwise it goes on to its
+    next image at once (the harshest client). Sending the same image again keeps the answered mix the offered
+    mix: a client that moved on lets the images that cost most be refused more often and flatters the
+    capacity (measured on the realistic set, INT8: 17.8 img/s answered with 106 ms of server CPU each when
+    clients moved on, 14.1 img/s with 133 ms when they sent the same image again).
     """
     lanes = Lanes(server.url, concurrency)
     outcomes: list[Outcome] = []
@@ -125,9 +129,10 @@ async def closed_loop(
         while time.perf_counter() < window_end:
             outcome = await lanes.post(bodies[i % len(bodies)], time.perf_counter())
             outcomes.append(outcome)
-            i += concurrency
             if honour_retry_after and outcome.status == "503" and outcome.retry_after_s:
                 await asyncio.sleep(min(outcome.retry_after_s, max(0.0, window_end - time.perf_counter())))
+                continue  # the same image again
+            i += concurrency
 
     async def measure() -> Json:
         await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
