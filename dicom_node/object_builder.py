@@ -16,11 +16,8 @@ built once more; a second failure is raised to the node, whose study is then rep
 from __future__ import annotations
 
 import asyncio
-import logging
-import multiprocessing
-import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from pydicom.dataset import Dataset
@@ -28,8 +25,7 @@ from pydicom.dataset import Dataset
 from dicom_node.outbox import ResultObject
 from inference.dicom_objects import Algorithm, ImageFinding
 from inference.results import StudyAnswer
-
-log = logging.getLogger(__name__)
+from inference.worker_pool import WorkerProcesses
 
 ATTEMPTS = 2
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
@@ -73,41 +69,21 @@ class ObjectBuilder:
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.processes = processes
-        self._lock = threading.Lock()
-        self._executor: Executor | None = None
+        self._workers = WorkerProcesses(processes, _warm, what="DICOM result-object") if processes else None
+        self._thread: ThreadPoolExecutor | None = None if processes else ThreadPoolExecutor(1, "dicom-objects")
 
     def start(self) -> None:
         """Start the workers now (about a second), so the first study does not wait for them."""
-        executor = self._current()
-        if isinstance(executor, ProcessPoolExecutor):
+        if self._workers is not None:
+            executor = self._workers.current()
             for _ in range(self.processes):
                 executor.submit(_warm)
 
     def close(self) -> None:
-        with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-
-    def _current(self) -> Executor:
-        with self._lock:
-            if self._executor is None:
-                if self.processes == 0:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="dicom-objects")
-                else:
-                    # forkserver: never fork the service process (onnxruntime and decode threads run there)
-                    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-                    self._executor = ProcessPoolExecutor(
-                        self.processes, mp_context=multiprocessing.get_context(method), initializer=_warm
-                    )
-            return self._executor
-
-    def _replace(self, broken: Executor) -> None:
-        with self._lock:
-            if self._executor is broken:
-                self._executor = None
-                log.warning("a DICOM result-object worker died; it is replaced")
-        broken.shutdown(wait=False, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.close()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True, cancel_futures=True)
 
     async def build(
         self, findings: Sequence[ImageFinding], study: StudyAnswer, algorithm: Algorithm, outputs: Sequence[str]
@@ -117,12 +93,15 @@ class ObjectBuilder:
             ImageFinding(without_pixel_data(f.source), f.answer, f.cam, f.overlay_rgb, f.value_range) for f in findings
         ]
         loop = asyncio.get_running_loop()
+        if self._thread is not None:
+            return await loop.run_in_executor(self._thread, build_objects, light, study, algorithm, tuple(outputs))
+        assert self._workers is not None
         for attempt in range(1, ATTEMPTS + 1):
-            executor = self._current()
+            executor = self._workers.current()
             try:
                 return await loop.run_in_executor(executor, build_objects, light, study, algorithm, tuple(outputs))
             except BrokenProcessPool:
-                self._replace(executor)
+                self._workers.replace(executor)
                 if attempt == ATTEMPTS:
                     raise
         raise AssertionError("unreachable")

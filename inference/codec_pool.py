@@ -15,10 +15,7 @@ boundary: the worker parses the file again, which costs little next to the decod
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -27,6 +24,7 @@ import numpy as np
 from inference.dicom import decode_first_frame
 from inference.dicom_header import DicomError, DicomHeader, parse_dicom
 from inference.errors import ImageError
+from inference.worker_pool import WorkerProcesses
 
 log = logging.getLogger(__name__)
 
@@ -67,47 +65,23 @@ class CodecPool:
     def __init__(
         self, processes: int, worker: Callable[[bytes, bool], tuple[np.ndarray, str] | WorkerFailure] | None = None
     ) -> None:
-        if processes < 1:
-            raise ValueError(f"a codec pool needs at least one process, got {processes}")
+        self._workers = WorkerProcesses(processes, _warm, what="DICOM codec")  # checks processes >= 1
         self.processes = processes
         self._worker = worker or _decode_in_worker  # a module-level function: it is pickled by name
         self.crashes = 0
-        self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _current(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                # forkserver: workers are forked from a clean server process, never from this one, whose
-                # onnxruntime and decode threads make fork unsafe
-                method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-                self._pool = ProcessPoolExecutor(
-                    self.processes, mp_context=multiprocessing.get_context(method), initializer=_warm
-                )
-            return self._pool
-
-    def _rebuild(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is broken:
-                self._pool = None
-                self.crashes += 1
-                log.warning("a DICOM codec worker crashed; the codec pool is rebuilt")
-        broken.shutdown(wait=False, cancel_futures=True)
+        self._workers.close()
 
     def decode(self, data: bytes, force: bool) -> tuple[np.ndarray, str]:
         """The first frame of the DICOM file `data` and its photometric, decoded in a worker (blocks)."""
         for attempt in range(1, ATTEMPTS + 1):
-            pool = self._current()
+            pool = self._workers.current()
             try:
                 outcome = pool.submit(self._worker, data, force).result()
             except BrokenProcessPool:
-                self._rebuild(pool)
+                if self._workers.replace(pool):
+                    self.crashes += 1
                 if attempt == ATTEMPTS:
                     raise DicomError("the DICOM pixel data crashed its decoder (corrupt or hostile data)") from None
                 continue

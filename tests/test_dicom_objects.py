@@ -622,7 +622,7 @@ def test_the_node_builds_the_same_objects_in_a_worker_from_the_headers_alone(
 
     async def build_twice() -> tuple[list[bytes], list[bytes]]:
         first = await builder.build(case.findings, case.study, case.algorithm, RESULT_KINDS)
-        executor: Any = builder._executor
+        executor: Any = builder._workers._pool if builder._workers else None
         for process in list(executor._processes.values()):  # the worker dies between two studies
             process.kill()
             process.join()
