@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,9 +53,12 @@ class StudyAnalyser:
         """Instances whose analysis has begun and whose study has not been answered yet."""
         return len(self._early)
 
-    def begin(self, instance: ReceivedInstance) -> None:
-        """Start an instance's analysis now, while its study is still arriving (`analyse` picks it up)."""
+    def begin(self, instance: ReceivedInstance, done: Callable[[ReceivedInstance], None] | None = None) -> None:
+        """Start an instance's analysis now, while its study is still arriving (`analyse` picks it up).
+        `done(instance)` is called once it is over (answered or refused), not when it was dropped."""
         task = asyncio.get_running_loop().create_task(self._prepare(instance), name="dicom-instance")
+        if done is not None:
+            task.add_done_callback(lambda finished: None if finished.cancelled() else done(instance))
         self._early[id(instance)] = task
 
     def drop(self, instance: ReceivedInstance) -> None:

@@ -137,7 +137,7 @@ class DicomNode:
         if (reason := await self._wait_for_room(len(data), study_uid)) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         instance = ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer)
-        self.analyser.begin(instance)  # analysed while the rest of its study arrives
+        self.analyser.begin(instance, self.collector.release)  # analysed while the rest of its study arrives
         replaced = self.collector.add(instance)
         if replaced is not None:
             self.analyser.drop(replaced)

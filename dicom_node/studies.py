@@ -4,7 +4,8 @@ PACS send a study as a stream of C-STORE requests (or STOW-RS parts) with no "en
 node waits until no new instance of that Study Instance UID arrived for `quiet_s`, or until it holds
 `max_instances` (the rest of the study then starts a new group and gets its own results). The same SOP
 Instance UID sent twice while its study waits is kept once. Bytes held are counted, so the door can refuse
-('out of resources') before memory runs out; they are released when the study's analysis is over.
+('out of resources') before memory runs out; they are released once the instance has been analysed (the node
+analyses each instance as it arrives), at the latest when its study's analysis is over.
 Everything here runs on the event-loop thread.
 """
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 Door = Literal["dimse", "stow-rs"]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # identity: `data` is let go (emptied) once the instance has been analysed
 class ReceivedInstance:
     """One instance as it arrived (Part 10 bytes), with where it came from; no patient data outside `data`."""
 
@@ -42,10 +43,6 @@ class ReceivedStudy:
     study_uid: str
     instances: dict[str, ReceivedInstance] = field(default_factory=dict)  # by SOP Instance UID
     ref: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(len(instance.data) for instance in self.instances.values())
 
 
 OnStudy = Callable[[ReceivedStudy], Awaitable[None]]
@@ -86,7 +83,7 @@ class StudyCollector:
             study = self._open[instance.study_uid] = ReceivedStudy(instance.study_uid)
         previous = study.instances.get(instance.sop_instance_uid)
         if previous is not None:
-            self._held -= len(previous.data)
+            self.release(previous)
         study.instances[instance.sop_instance_uid] = instance
         self._held += len(instance.data)
         if len(study.instances) >= self.max_instances:
@@ -94,6 +91,12 @@ class StudyCollector:
         else:
             self._rearm(instance.study_uid)
         return previous
+
+    def release(self, instance: ReceivedInstance) -> None:
+        """The instance has been analysed (or replaced, or its study answered): its bytes are not needed any more
+        and stop counting against the budget. Idempotent: the bytes are counted off once, as they are let go."""
+        self._held -= len(instance.data)
+        instance.data = b""
 
     def touch(self, study_uid: str) -> None:
         """An instance of this study is on its way (e.g. waiting for room): its study is not quiet yet, so the
@@ -124,7 +127,8 @@ class StudyCollector:
         except Exception:  # the handler reports its own failures; this only keeps the collector alive
             log.exception("study %s: analysis failed", study.ref)
         finally:
-            self._held -= study.held_bytes
+            for instance in study.instances.values():
+                self.release(instance)
 
     async def flush(self) -> None:
         """Answer every waiting study now and wait for all analyses (shutdown: nothing received is dropped)."""

@@ -58,21 +58,25 @@ async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyse
     collector = StudyCollector(answer, quiet_s=60, max_instances=3, held_bytes_budget=10**9)
     first, second, third = _instances(3)
     for instance in (first, second):
-        analyser.begin(instance)
         assert collector.add(instance) is None
+        analyser.begin(instance, collector.release)
+    assert collector.held_bytes == len(first.data) + len(second.data)
     early = dict(analyser._early)
     assert len(early) == 2
     await _until(lambda: all(task.done() for task in early.values()))
+    await asyncio.sleep(0)  # the done callbacks
     assert collector.waiting_studies == 1  # analysed, and the study is still open: nothing answered yet
     assert outcomes == []
+    assert collector.held_bytes == 0  # their bytes let go once analysed, not when the study is answered
+    assert first.data == second.data == b""
     for task in early.values():
         result, explained = task.result()
         assert result.prepared.dicom is not None
         assert "PixelData" not in result.prepared.dicom.dataset  # let go once analysed
         assert explained.cam is not None
 
-    analyser.begin(third)
     collector.add(third)  # the third instance completes the study
+    analyser.begin(third, collector.release)
     await collector.drain()
     (outcome,) = outcomes
     assert sorted(image["sop_instance_uid"] for image in outcome.images) == sorted(
@@ -82,6 +86,7 @@ async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyse
     objects = [pydicom.dcmread(io.BytesIO(o.payload)) for o in outcome.objects]
     assert [d.Modality for d in objects] == ["SR", "PR", "PR", "PR"]
     assert analyser.in_progress == 0
+    assert collector.held_bytes == 0
 
 
 async def test_an_instance_sent_again_replaces_the_first_ones_analysis(analyser: StudyAnalyser) -> None:

@@ -67,6 +67,24 @@ async def test_an_instance_waiting_for_room_keeps_its_study_open() -> None:
     assert collector.waiting_studies == 0
 
 
+async def test_bytes_are_counted_off_once_however_they_are_let_go() -> None:
+    """Analysed (release), replaced by a re-send, or answered with the study: each instance's bytes leave the
+    budget once, so the held count never drifts."""
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=60, max_instances=100, held_bytes_budget=10_000)
+    first, second = _instance("S1", "1", 100), _instance("S1", "2", 50)
+    collector.add(first)
+    collector.add(second)
+    collector.release(first)
+    collector.release(first)  # twice: nothing more
+    assert collector.held_bytes == 50
+    assert collector.add(_instance("S1", "1", 70)) is first  # a re-send of an analysed instance
+    assert collector.held_bytes == 120
+    await collector.flush()
+    assert collector.held_bytes == 0
+    assert sorted(seen.studies[0].instances) == ["1", "2"]
+
+
 async def test_a_full_study_is_answered_at_once_and_the_rest_starts_a_new_group() -> None:
     seen = Recorder()
     collector = StudyCollector(seen, quiet_s=60, max_instances=2, held_bytes_budget=10_000)
