@@ -65,7 +65,7 @@ class StudyCollector:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of instances received and not yet answered (waiting or being analysed)."""
+        """Bytes of instances received and not yet analysed (an analysed one lets its bytes go: `release`)."""
         return self._held
 
     @property
