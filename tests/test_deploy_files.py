@@ -629,7 +629,7 @@ def test_termination_grace_outlasts_the_drain() -> None:
 
 
 def test_service_and_budget_select_the_pods() -> None:
-    deployment, service = _one("Deployment"), _one("Service")
+    deployment, service = _one("Deployment"), _one("Service", _k8s_objects([K8S / "service.yaml"]))
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -675,14 +675,18 @@ def _kustomize(folder: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-@pytest.fixture
-def k8s_with_bundle_pvc(tmp_path: Path) -> Path:
+def _with_components(tmp_path: Path, *components: str) -> Path:
     folder = tmp_path / "k8s"
     shutil.copytree(K8S, folder)
     kustomization = _kustomization(folder)
-    kustomization["components"] = ["bundle-pvc"]
+    kustomization["components"] = list(components)
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def k8s_with_bundle_pvc(tmp_path: Path) -> Path:
+    return _with_components(tmp_path, "bundle-pvc")
 
 
 def test_kustomize_renders_valid_manifests() -> None:
@@ -702,3 +706,37 @@ def test_bundle_pvc_component_mounts_the_bundle_read_only(k8s_with_bundle_pvc: P
     assert mount["readOnly"] is True
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["persistentVolumeClaim"] == {"claimName": pvc["metadata"]["name"], "readOnly": True}
+
+
+def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tmp_path: Path) -> None:
+    """The component adds the SCP's port, a Service for it and the node's settings from a ConfigMap; rendered
+    with the base, valid, and the settings as the pod gets them make a node that listens where the Service
+    points."""
+    from service.settings import Settings
+
+    rendered = _kustomize(_with_components(tmp_path, "dicom-node"))
+    _validate(rendered, K8S_VERSIONS[-1])
+    deployment = _one("Deployment", rendered)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    services = {obj["metadata"]["name"]: obj for obj in rendered if obj["kind"] == "Service"}
+    (dicom_port,) = services["bfd-dicom"]["spec"]["ports"]
+    assert ports[dicom_port["targetPort"]] == dicom_port["port"] == 11112
+    assert services["bfd-dicom"]["spec"]["sessionAffinity"] == "ClientIP"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert services["bfd-dicom"]["spec"]["selector"].items() <= pod_labels.items()
+    config = _one("ConfigMap", rendered)["data"]
+    env: dict[str, str] = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif "configMapKeyRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == _one("ConfigMap", rendered)["metadata"]["name"]
+            env[entry["name"]] = config[ref["key"]]
+    dicom_env = {name: value for name, value in env.items() if name.startswith("BFD_DICOM_")}
+    node = Settings(_env_file=None, **{name.removeprefix("BFD_").lower(): v for name, v in dicom_env.items()})
+    config_of_node = node.node_config()
+    assert config_of_node is not None
+    assert config_of_node.port == ports["dicom"]
+    assert str(config_of_node.audit_log).startswith("/data/")  # the pod's writable volume
