@@ -16,6 +16,7 @@ built once more; a second failure is raised to the node, whose study is then rep
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,8 +33,11 @@ PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Doub
 
 
 def without_pixel_data(source: Dataset) -> Dataset:
-    """A new data set with every element of `source` but its pixel data (elements shared, `source` untouched),
-    the same file meta and original encoding: what the result builders read, at a few kilobytes to copy."""
+    """A data set with every element of `source` but its pixel data (elements shared, `source` untouched), the
+    same file meta and original encoding: what the result builders read, at a few kilobytes to copy. `source`
+    itself when it has no pixel data."""
+    if not any(tag in source for tag in PIXEL_DATA_TAGS):
+        return source  # already a header (the analyser lets the pixel data go as soon as it can)
     header = Dataset({tag: element for tag, element in source.items() if int(tag) not in PIXEL_DATA_TAGS})
     if hasattr(source, "file_meta"):
         header.file_meta = source.file_meta
@@ -77,7 +81,7 @@ class ObjectBuilder:
         if self._workers is not None:
             executor = self._workers.current()
             for _ in range(self.processes):
-                executor.submit(_warm)
+                executor.submit(os.getpid)  # any task starts a worker; its initializer (_warm) loads highdicom
 
     def close(self) -> None:
         if self._workers is not None:

@@ -78,7 +78,6 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
-            (evt.EVT_CONN_OPEN, _calmer_polling),
         ]
         port = self.config.port or 0
         self._server = server = self.ae.make_server(
@@ -118,12 +117,6 @@ class StorageSCP:
             return OUT_OF_RESOURCES
 
 
-def _calmer_polling(event: Any) -> None:
-    dul = getattr(event.assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = DUL_IDLE_POLL_S
-
-
 class _BulkReadSocket(AssociationSocket):
     """pynetdicom's association socket, reading each PDU into one buffer in large recv_into() calls."""
 
@@ -147,11 +140,13 @@ class _BulkReadSocket(AssociationSocket):
 
 
 class _BulkReadHandler(RequestHandler):
-    """pynetdicom's request handler, with TCP_NODELAY and the bulk-reading socket under each association."""
+    """pynetdicom's request handler, with TCP_NODELAY, calmer idle polling and the bulk-reading socket under each
+    association."""
 
     def _create_association(self) -> Association:
         no_delay(self.request)  # dicom_node.tcp: answers go out at once
         assoc = super()._create_association()
+        assoc.dul._run_loop_delay = DUL_IDLE_POLL_S  # pynetdicom's documented knob for idle polling
         socket = assoc.dul.socket
         if type(socket) is AssociationSocket:
             socket.__class__ = _BulkReadSocket  # same state, a faster recv(); nothing else changes

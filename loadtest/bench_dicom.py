@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import tempfile
@@ -39,7 +38,7 @@ from loadtest.drivers import closed_loop, encode_bodies
 from loadtest.images import ATTRIBUTION
 from loadtest.machine import machine_description
 from loadtest.orthanc import OrthancServer
-from loadtest.servers import Server, bfd_serve, free_port
+from loadtest.servers import Server, bfd_serve, cpu_times, free_port
 
 Json = dict[str, Any]
 TARGET_RATIO = 0.8
@@ -53,20 +52,6 @@ def study_set(instances: int, per_study: int, rows: int, columns: int) -> list[D
         study = make_study(n, modality="mixed", bits_stored=12, body_parts=["hand", "shoulder"], size=(rows, columns))
         out.extend(pydicom.dcmread(io.BytesIO(part10_bytes(ds))) for ds in study)
     return out
-
-
-def cpu_times(process: psutil.Process, children: bool = True) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process and (with `children`) its live children; nan once it is gone."""
-    user = system = 0.0
-    try:
-        processes = [process, *(process.children(recursive=True) if children else ())]
-    except psutil.Error:
-        return float("nan"), float("nan")
-    for each in processes:
-        with contextlib.suppress(psutil.Error):
-            times = each.cpu_times()
-            user, system = user + times.user, system + times.system
-    return user, system
 
 
 class CpuMeter:

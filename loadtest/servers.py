@@ -57,18 +57,23 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU seconds of the server and its live child processes."""
+        return sum(cpu_times(self.ps))
+
+
+def cpu_times(process: psutil.Process, children: bool = True) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and (with `children`) its live children; nan once it is gone."""
+    try:
+        processes = [process, *(process.children(recursive=True) if children else ())]
+    except psutil.Error:
+        return float("nan"), float("nan")
+    user = system = 0.0
+    for each in processes:
         try:
-            processes = [self.ps, *self.ps.children(recursive=True)]
-        except psutil.Error:
-            return float("nan")
-        total = 0.0
-        for process in processes:
-            try:
-                times = process.cpu_times()
-            except psutil.Error:
-                continue
-            total += times.user + times.system
-        return total
+            times = each.cpu_times()
+        except psutil.Error:  # a child that just ended
+            continue
+        user, system = user + times.user, system + times.system
+    return user, system
 
 
 def free_port() -> int:
