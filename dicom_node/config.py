@@ -21,6 +21,8 @@ class NodeConfig:
     outputs: tuple[str, ...] = RESULT_KINDS
     build_processes: int = 1  # worker processes building the result objects (0: a thread of the service)
     audit_log: Path = field(default_factory=lambda: Path("bfd-dicom-audit.jsonl"))
+    spool_dir: Path | None = None  # received instances kept on disk until answered (dicom_node.spool); None: off
+    spool_bytes_budget: int = 2_000_000_000  # the spool's disk; more: 'out of resources'
     delivery_timeout_s: float = 30.0
     delivery_associations: int = 4  # batches sent at once (C-STORE associations or STOW-RS requests)
     retry_initial_s: float = 2.0

@@ -4,7 +4,8 @@ outbox, every step in the audit log.
 One node per service process, on the service's Predictor, so DICOM and HTTP traffic share one admission and
 one set of models. `receive()` is the one entry for both doors. On stop, the SCP stops listening first, then
 every waiting study is answered and put in the outbox (nothing acknowledged is dropped), then the delivery
-loop stops; what it did not deliver is sent after the next start.
+loop stops; what it did not deliver is sent after the next start. With a spool (`dicom_node.spool`), what a
+crash interrupted is taken back at the next start: instances received and not yet answered, from disk.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dicom_node.scope import (
 )
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import DeliveryLoop
+from dicom_node.spool import Spool, SpooledInstance
 from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector
 from inference.batching import BatcherClosedError, QueueFullError
 from inference.dicom_header import read_dataset
@@ -83,12 +85,19 @@ class DicomNode:
             retry_max_s=config.retry_max_s,
             parallel=config.delivery_associations,
         )
+        self.spool = Spool(config.spool_dir) if config.spool_dir is not None else None
+        self._spooling_bytes = 0  # instances being written to the spool: room taken, not yet in the collector
+        self._recovery: asyncio.Task[None] | None = None
         self.scp: StorageSCP | None = None
         self.stopping = False
 
     async def start(self) -> None:
         await asyncio.to_thread(self.builder.start)
         self.sender.start()
+        if self.spool is not None:
+            left = await asyncio.to_thread(self.spool.left)
+            if left:
+                self._recovery = asyncio.get_running_loop().create_task(self._recover(left), name="dicom-recovery")
         if self.config.port is not None:
             self.scp = StorageSCP(self.config, asyncio.get_running_loop(), self._receive_dimse)
             await asyncio.to_thread(self.scp.start)
@@ -98,6 +107,9 @@ class DicomNode:
         self.stopping = True
         if self.scp is not None:
             await asyncio.to_thread(self.scp.stop)
+        if self._recovery is not None:  # what it has not taken back yet stays in the spool for the next start
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         await self.collector.flush()
         await self.sender.stop()
         await asyncio.to_thread(self.builder.close)
@@ -137,11 +149,53 @@ class DicomNode:
         if (reason := await self._wait_for_room(len(data), study_uid)) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         instance = ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer)
+        if self.spool is not None and (reason := await self._keep(instance)) is not None:
+            return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
+        self._take(instance)
+        return Receipt(SUCCESS, sop_class, sop_instance)
+
+    def _take(self, instance: ReceivedInstance) -> None:
         self.analyser.begin(instance, self.collector.release)  # analysed while the rest of its study arrives
         replaced = self.collector.add(instance)
         if replaced is not None:
             self.analyser.drop(replaced)
-        return Receipt(SUCCESS, sop_class, sop_instance)
+            if self.spool is not None:
+                self.spool.forget([replaced])
+
+    async def _keep(self, instance: ReceivedInstance) -> str | None:
+        """Write the instance to the spool before the sender hears 'stored'; None, or why it could not be."""
+        assert self.spool is not None
+        self._spooling_bytes += len(instance.data)
+        try:
+            await asyncio.to_thread(self.spool.keep, instance)
+        except OSError as error:
+            log.error("spool: an instance could not be kept on disk (%s); refused", error.strerror or error)
+            return f"the node cannot keep the instance on disk now ({error.strerror or type(error).__name__})"
+        finally:
+            self._spooling_bytes -= len(instance.data)
+        return None
+
+    async def _recover(self, left: list[SpooledInstance]) -> None:
+        """Take back what a previous run received and did not answer, as if it had just arrived: the senders
+        were told 'stored' long ago, so this waits for room as long as it takes and never refuses."""
+        self.audit.write(
+            "recovered",
+            instances=len(left),
+            study_instance_uids=sorted({entry.study_uid for entry in left}),
+            sop_instance_uids=[entry.sop_instance_uid for entry in left],
+        )
+        log.info("DICOM node: %d instance(s) received before a restart are analysed now", len(left))
+        for entry in left:
+            size = min(entry.path.stat().st_size if entry.path.exists() else 0, self.config.held_bytes_budget)
+            while self._no_room(size, count=False, spooled=False) is not None:
+                self.collector.touch(entry.study_uid)
+                await asyncio.sleep(ROOM_POLL_S)
+            try:
+                instance = await asyncio.to_thread(entry.load)
+            except OSError as error:
+                log.error("spool: %s could not be read back (%s); left in place", entry.path.name, error)
+                continue
+            self._take(instance)
 
     async def _wait_for_room(self, size: int, study_uid: str) -> str | None:
         """None once the core can take an image in time and the held bytes can take `size`; else, after waiting
@@ -157,7 +211,7 @@ class DicomNode:
             await asyncio.sleep(ROOM_POLL_S)
         return None
 
-    def _no_room(self, size: int, *, count: bool) -> str | None:
+    def _no_room(self, size: int, *, count: bool, spooled: bool = True) -> str | None:
         try:
             if count:
                 self.predictor.check_capacity(1)  # counted in the refusal metrics
@@ -165,8 +219,13 @@ class DicomNode:
                 self.predictor.batcher.check(1)
         except (QueueFullError, BatcherClosedError) as error:
             return str(error)
-        if not self.collector.can_hold(size):
+        if not self.collector.can_hold(size + self._spooling_bytes):
             return f"held instances at the node's budget ({self.config.held_bytes_budget} bytes); retry later"
+        if not spooled:
+            return None  # already on disk (taken back after a restart): only memory and the core to wait for
+        on_disk = self.spool.bytes_kept + self._spooling_bytes + size if self.spool is not None else 0
+        if on_disk > self.config.spool_bytes_budget:
+            return f"the spool at the node's disk budget ({self.config.spool_bytes_budget} bytes); retry later"
         return None
 
     def _refused(
@@ -185,6 +244,21 @@ class DicomNode:
 
     # -- through the core and out -------------------------------------------------------------------------------
     async def _on_study(self, study: ReceivedStudy) -> None:
+        """Answer the study; its spooled instances go once that is done, unless its results could not be kept
+        (then the next start answers it again from the spool)."""
+        try:
+            kept = await self._answer(study)
+        except Exception:
+            await self._forget(study)  # a failure of the analysis itself is reported, not retried forever
+            raise
+        if kept:
+            await self._forget(study)
+
+    async def _forget(self, study: ReceivedStudy) -> None:
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.forget, list(study.instances.values()))
+
+    async def _answer(self, study: ReceivedStudy) -> bool:
         instances = list(study.instances.values())
         self.audit.write(
             "received",
@@ -197,9 +271,11 @@ class DicomNode:
         )
         outcome = await self.analyser.analyse(study)
         self._audit_answer(study, outcome)
-        if outcome.objects:
-            await self._put(study, outcome)
-            self.sender.wake()
+        if not outcome.objects:
+            return True
+        kept = await self._put(study, outcome)
+        self.sender.wake()
+        return kept
 
     def _audit_answer(self, study: ReceivedStudy, outcome: StudyOutcome) -> None:
         algorithm = self.analyser.algorithm
@@ -227,18 +303,18 @@ class DicomNode:
         }
         self.audit.write("answered", **fields)
 
-    async def _put(self, study: ReceivedStudy, outcome: StudyOutcome) -> None:
-        """Into the outbox, waiting out a database outage: these results exist nowhere else.
+    async def _put(self, study: ReceivedStudy, outcome: StudyOutcome) -> bool:
+        """Into the outbox, waiting out a database outage: these results exist nowhere else. False: given up.
 
         While running, it waits as long as the outage lasts; on shutdown at most SHUTDOWN_PUT_S, then the
-        results are given up, loudly, in the log and the audit (they can be made again from the study).
+        results are given up, loudly, in the log and the audit (with a spool, the next start makes them again).
         """
         delay = 0.5
         started = asyncio.get_running_loop().time()
         while True:
             try:
                 await self.outbox.put(study.ref, self.destination.describe(), outcome.objects)
-                return
+                return True
             except Exception as error:
                 waited = asyncio.get_running_loop().time() - started
                 if self.stopping and waited > SHUTDOWN_PUT_S:
@@ -249,8 +325,9 @@ class DicomNode:
                         study_instance_uid=study.study_uid,
                         sop_instance_uids=[o.sop_instance_uid for o in outcome.objects],
                         reason=f"outbox unavailable at shutdown ({type(error).__name__})",
+                        spooled=self.spool is not None,
                     )
-                    return
+                    return False
                 log.warning("study %s: results not yet in the outbox (%s); retrying in %g s", study.ref, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(PUT_RETRY_MAX_S, delay * 2)

@@ -34,6 +34,7 @@ class ReceivedInstance:
     door: Door
     calling_ae: str | None = None
     peer: str | None = None
+    spool_key: str | None = None  # its copy on disk until its study is answered (dicom_node.spool), if kept
 
 
 @dataclass

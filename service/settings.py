@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         1, ge=0, le=16, description="worker processes building the result objects (0: a thread of the service)"
     )
     dicom_audit_log: Path = Field(Path("bfd-dicom-audit.jsonl"), description="the node's audit log (JSON lines)")
+    dicom_spool_dir: Path | None = Field(
+        None,
+        description="keep received instances here until their study is answered, so a crash loses none "
+        "(they hold patient data; unset: memory only)",
+    )
+    dicom_spool_bytes_budget: int = Field(
+        2_000_000_000, ge=1, description="disk the spool may use; more: 'out of resources' (0xA700)"
+    )
     dicom_delivery_associations: int = Field(
         4, ge=1, le=64, description="result batches sent at once (C-STORE associations or STOW-RS requests)"
     )
@@ -144,6 +152,12 @@ class Settings(BaseSettings):
         if unknown or not names:
             raise ValueError(f"dicom_outputs must be some of {list(RESULT_KINDS)}, got {value}")
         return names
+
+    @field_validator("dicom_spool_dir", mode="before")
+    @classmethod
+    def _no_empty_spool(cls, value: object) -> object:
+        # Path("") is the working directory: an empty BFD_DICOM_SPOOL_DIR (a template's blank) means 'off'
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("dicom_destination")
     @classmethod
@@ -218,6 +232,8 @@ class Settings(BaseSettings):
             outputs=tuple(self.dicom_outputs),
             build_processes=self.dicom_build_processes,
             audit_log=self.dicom_audit_log,
+            spool_dir=self.dicom_spool_dir,
+            spool_bytes_budget=self.dicom_spool_bytes_budget,
             delivery_associations=self.dicom_delivery_associations,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,

@@ -709,9 +709,9 @@ def test_bundle_pvc_component_mounts_the_bundle_read_only(k8s_with_bundle_pvc: P
 
 
 def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tmp_path: Path) -> None:
-    """The component adds the SCP's port, a Service for it and the node's settings from a ConfigMap; rendered
-    with the base, valid, and the settings as the pod gets them make a node that listens where the Service
-    points."""
+    """The component adds the SCP's port, a Service for it, the node's settings from a ConfigMap and a spool
+    volume; rendered with the base, valid, and the settings as the pod gets them make a node that listens where
+    the Service points and spools into a volume its budget fits in."""
     from service.settings import Settings
 
     rendered = _kustomize(_with_components(tmp_path, "dicom-node"))
@@ -740,3 +740,10 @@ def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tm
     assert config_of_node is not None
     assert config_of_node.port == ports["dicom"]
     assert str(config_of_node.audit_log).startswith("/data/")  # the pod's writable volume
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert config_of_node.spool_dir is not None
+    spool_volume = volumes[mounts[str(config_of_node.spool_dir)]]  # the spool is a volume of its own...
+    limit = spool_volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Gi")
+    assert config_of_node.spool_bytes_budget < int(limit.removesuffix("Gi")) * 2**30  # ...that its budget fits in

@@ -224,13 +224,20 @@ def test_dcmtk_an_independent_dicom_implementation_can_echo_and_store(node: Serv
     assert "Success" in store.stdout + store.stderr  # DCMTK prints the C-STORE response status
 
 
+@pytest.mark.parametrize(
+    ("budget", "reason"),
+    [({"BFD_DICOM_HELD_BYTES_BUDGET": "1000"}, "held instances"), ({"BFD_DICOM_SPOOL_BYTES_BUDGET": "1000"}, "spool")],
+    ids=["memory", "spool"],
+)
 def test_no_room_answers_out_of_resources_and_the_sender_may_retry(
-    bundle: Path, orthanc: OrthancServer, tmp_path: Path
+    bundle: Path, orthanc: OrthancServer, tmp_path: Path, budget: dict[str, str], reason: str
 ) -> None:
-    """An instance the node cannot hold now (here: larger than its whole held-bytes budget) is answered 0xA700
-    'out of resources' after a short wait, never taken and dropped; a C-ECHO still answers."""
+    """An instance the node cannot hold now (here: larger than its whole held-bytes budget, or than the spool's
+    disk budget) is answered 0xA700 'out of resources' after a short wait, never taken and dropped; a C-ECHO
+    still answers."""
     port = free_port()
-    env = _node_env(tmp_path, port, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", BFD_DICOM_HELD_BYTES_BUDGET="1000")
+    destination = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    env = _node_env(tmp_path, port, destination, BFD_DICOM_SPOOL_DIR=str(tmp_path / "spool"), **budget)
     with bfd_serve(bundle, tmp_path, env=env) as server:
         server.audit = tmp_path / "audit.jsonl"  # type: ignore[attr-defined]
         study = _roundtrip(make_study(1, patient_name=PATIENT_NAME))
@@ -238,6 +245,8 @@ def test_no_room_answers_out_of_resources_and_the_sender_may_retry(
         refused = [e for e in _audit(server) if e["event"] == "refused"]
         assert [e["status"] for e in refused] == ["0xa700"]
         assert "budget" in refused[0]["reason"]
+        assert reason in refused[0]["reason"]
+        assert list((tmp_path / "spool").iterdir()) == []  # nothing kept of what was refused
         ae = AE(ae_title=SCU_AE)
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", port, ae_title="BFD")
@@ -344,6 +353,39 @@ def test_a_restarted_node_delivers_its_outbox(bundle: Path, orthanc: OrthancServ
         orthanc.start()
     with bfd_serve(bundle, tmp_path, env=env) as server:
         _wait_for("the outbox delivered after start-up", lambda: len(orthanc.instance_ids(uid)) >= 5, server=server)
+
+
+def test_a_node_killed_before_answering_answers_from_its_spool_after_the_restart(
+    bundle: Path, orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """The sender was told 'stored', then the node died (SIGKILL: no shutdown, nothing answered): the instances
+    survive in the spool, are answered after the restart, and the spool is empty again. A spool that cannot be
+    written makes the node refuse ('out of resources') rather than promise what it cannot keep."""
+    port = free_port()
+    spool = tmp_path / "spool"
+    env = _node_env(tmp_path, port, f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", BFD_DICOM_SPOOL_DIR=str(spool))
+    study = _roundtrip(make_study(2, body_parts=["shoulder"], patient_name=PATIENT_NAME))
+    uid = str(study[0].StudyInstanceUID)
+    with bfd_serve(bundle, tmp_path, env={**env, "BFD_DICOM_QUIET_S": "600"}) as server:
+        assert _send(port, study) == [0, 0]
+        server.process.kill()  # before the study is quiet: in memory only, but for the spool
+        server.process.wait(timeout=30)
+    assert orthanc.instance_ids(uid) == []
+    assert len(list(spool.glob("*.dcm"))) == 2
+    with bfd_serve(bundle, tmp_path, env=env) as server:
+        server.audit = tmp_path / "audit.jsonl"  # type: ignore[attr-defined]
+        _wait_for("the spooled study answered", lambda: len(orthanc.instance_ids(uid)) >= 1 + 2 + 2, server=server)
+        _check_results(study, _results(orthanc, uid))
+        _wait_for("the spool emptied", lambda: not any(spool.iterdir()), server=server)
+        (recovered,) = [e for e in _audit(server) if e["event"] == "recovered"]
+        assert sorted(recovered["sop_instance_uids"]) == sorted(str(ds.SOPInstanceUID) for ds in study)
+        assert PATIENT_NAME not in json.dumps(recovered)
+        spool.rmdir()
+        spool.write_bytes(b"")  # the spool cannot be written: 'out of resources', not a 'stored' it cannot keep
+        assert _send(port, study[:1]) == [0xA700]
+        spool.unlink()
+        spool.mkdir()
+        assert _send(port, study[:1]) == [0]  # and the node kept serving
 
 
 def test_the_audit_log_names_objects_never_patients(node: Server) -> None:
