@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DATA_SUFFIX = ".dcm"
 FACTS_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
+FILE_MODE = 0o600  # readable by the service's user alone: the files carry patient data
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Spool:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # patient data: the service's user only
         self._sizes: dict[str, int] = {}  # bytes on disk by key, for the node's disk budget
         self._lock = threading.Lock()  # keep and forget run in worker threads
 
@@ -152,7 +153,8 @@ class Spool:
 
     def _write(self, name: str, data: bytes) -> None:
         partial = self.folder / (name + PARTIAL_SUFFIX)
-        with open(partial, "wb") as file:
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with open(descriptor, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

@@ -170,6 +170,7 @@ def run(args: argparse.Namespace) -> Json:
             "BFD_DICOM_QUIET_S": str(args.quiet_s),
             "BFD_DICOM_STUDY_MAX_INSTANCES": str(args.per_study),
             "BFD_DICOM_AUDIT_LOG": str(folder / "audit.jsonl"),
+            **({"BFD_DICOM_SPOOL_DIR": str(folder / "spool")} if args.spool else {}),
         }
         with bfd_serve(args.bundle, folder, env=env) as server:
             meter = CpuMeter({"service": server.ps, "orthanc": orthanc.process}, psutil.Process())
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> Json:
         "machine": machine_description(),
         "bundle": str(args.bundle),
         "pacs": "Orthanc with TCP_NODELAY=1" if args.pacs_tcp_nodelay else "Orthanc as packaged (Nagle on)",
+        "node": "spool on (every instance written and synced before 'stored')" if args.spool else "no spool",
         "images": f"{args.instances} instances, {args.per_study} per study, {args.rows}x{args.columns} 12-bit "
         f"uncompressed CR/DX from the repository's radiographs ({ATTRIBUTION})",
         "http": http,
@@ -205,6 +207,7 @@ def render_markdown(report: Json) -> str:
             "# DICOM node vs HTTP, one run",
             "",
             f"{report['when']}, {report['machine']}; bundle `{report['bundle']}`; {report['pacs']}; "
+            f"node: {report.get('node', 'no spool')}; "
             f"{report['images']}.",
             "",
             "| path | throughput | detail | CPU ms per image |",
@@ -238,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--quiet-s", type=float, default=1.0)
     parser.add_argument("--result-timeout-s", type=float, default=600.0)
+    parser.add_argument(
+        "--spool",
+        action="store_true",
+        help="run the node with its spool on (BFD_DICOM_SPOOL_DIR in the run's temporary folder)",
+    )
     parser.add_argument(
         "--pacs-tcp-nodelay",
         action="store_true",

@@ -45,6 +45,14 @@ def test_forgotten_instances_leave_no_file_and_others_stay(tmp_path: Path) -> No
     assert list(tmp_path.iterdir()) == []
 
 
+def test_only_the_services_user_can_read_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.keep(_instance(1))
+    assert (tmp_path / "spool").stat().st_mode & 0o077 == 0
+    for path in (tmp_path / "spool").iterdir():
+        assert path.stat().st_mode & 0o077 == 0, path.name
+
+
 def test_bytes_kept_count_what_is_on_disk_across_a_restart(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     first, second = _instance(1, data=b"a" * 300), _instance(2, data=b"b" * 500)
