@@ -53,12 +53,15 @@ class StudyAnalyser:
         """Instances whose analysis has begun and whose study has not been answered yet."""
         return len(self._early)
 
-    def begin(self, instance: ReceivedInstance, done: Callable[[ReceivedInstance], None] | None = None) -> None:
+    def begin(self, instance: ReceivedInstance, done: Callable[[ReceivedInstance, int], None] | None = None) -> None:
         """Start an instance's analysis now, while its study is still arriving (`analyse` picks it up).
-        `done(instance)` is called once it is over (answered or refused), not when it was dropped."""
+        `done(instance, kept_bytes)` is called once it is over (answered or refused), not when it was dropped;
+        `kept_bytes` is what the analysis keeps until the study's answer (`kept_bytes`)."""
         task = asyncio.get_running_loop().create_task(self._prepare(instance), name="dicom-instance")
         if done is not None:
-            task.add_done_callback(lambda finished: None if finished.cancelled() else done(instance))
+            task.add_done_callback(
+                lambda finished: None if finished.cancelled() else done(instance, kept_bytes(finished))
+            )
         self._early[id(instance)] = task
 
     def drop(self, instance: ReceivedInstance) -> None:
@@ -129,10 +132,17 @@ class StudyAnalyser:
         upload = Upload(instance.data, instance.sop_instance_uid, heatmap=True, dicom=True)
         (result,) = await self.predictor.run_images(tickets, [upload])
         explained = await self.predictor.explain(result)
+        # What the study's answer and objects do not need goes now: the received bytes and the parsed pixel data
+        # (each as large as the file), the display image and the feature map (the overlay and the Grad-CAM were
+        # made from them).
         dicom = result.prepared.dicom
-        if dicom is not None:  # the parsed pixel data (as large as the file) is not needed any more
-            header = replace(dicom, dataset=without_pixel_data(dicom.dataset))
-            result = replace(result, prepared=replace(result.prepared, dicom=header))
+        header = replace(dicom, dataset=without_pixel_data(dicom.dataset)) if dicom is not None else None
+        result = replace(
+            result,
+            upload=replace(result.upload, data=b""),
+            prepared=replace(result.prepared, dicom=header, display=None),
+            prediction=replace(result.prediction, feature_map=None),
+        )
         return result, explained
 
     async def _admit(self) -> list[AnswerTicket]:
@@ -142,6 +152,19 @@ class StudyAnalyser:
                 return self.predictor.admit(1, deadline=False)
             except QueueFullError as error:
                 await asyncio.sleep(min(error.retry_after_s, 2.0))
+
+
+HEADER_ALLOWANCE_BYTES = 64 * 1024  # the source's header and the answer, beside the arrays counted
+
+
+def kept_bytes(finished: asyncio.Task[tuple[ImageResult, Explained]]) -> int:
+    """About what an analysed instance keeps until its study is answered: the overlay, the model input and
+    the Grad-CAM, plus an allowance for its header and answer. A refused instance keeps its reason only."""
+    if finished.exception() is not None:
+        return 0
+    result, explained = finished.result()
+    arrays = (explained.overlay_rgb, explained.cam, result.prepared.pixels)
+    return HEADER_ALLOWANCE_BYTES + sum(a.nbytes for a in arrays if a is not None)
 
 
 def _value_range(result: ImageResult) -> tuple[float, float] | None:

@@ -155,7 +155,7 @@ class DicomNode:
         return Receipt(SUCCESS, sop_class, sop_instance)
 
     def _take(self, instance: ReceivedInstance) -> None:
-        self.analyser.begin(instance, self.collector.release)  # analysed while the rest of its study arrives
+        self.analyser.begin(instance, self.collector.analysed)  # analysed while the rest of its study arrives
         replaced = self.collector.add(instance)
         if replaced is not None:
             self.analyser.drop(replaced)

@@ -4,8 +4,10 @@ PACS send a study as a stream of C-STORE requests (or STOW-RS parts) with no "en
 node waits until no new instance of that Study Instance UID arrived for `quiet_s`, or until it holds
 `max_instances` (the rest of the study then starts a new group and gets its own results). The same SOP
 Instance UID sent twice while its study waits is kept once. Bytes held are counted, so the door can refuse
-('out of resources') before memory runs out; they are released once the instance has been analysed (the node
-analyses each instance as it arrives), at the latest when its study's analysis is over.
+('out of resources') before memory runs out: an instance's received bytes until it has been analysed (the
+node analyses each instance as it arrives), then what its analysis keeps for its study's answer (the overlay,
+the model input: about a megabyte, `analysed`) until the study is answered. So studies kept open by a long
+quiet time cannot hold more than the budget either.
 Everything here runs on the event-loop thread.
 """
 
@@ -63,10 +65,12 @@ class StudyCollector:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._held = 0
+        self._charged: dict[ReceivedInstance, int] = {}  # what each held instance counts for, by identity
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of instances received and not yet analysed (an analysed one lets its bytes go: `release`)."""
+        """Bytes held for instances whose study is not answered yet: received bytes until analysed, then what
+        the analysis keeps (`analysed`)."""
         return self._held
 
     @property
@@ -86,18 +90,29 @@ class StudyCollector:
         if previous is not None:
             self.release(previous)
         study.instances[instance.sop_instance_uid] = instance
-        self._held += len(instance.data)
+        self._charge(instance, len(instance.data))
         if len(study.instances) >= self.max_instances:
             self._close(instance.study_uid)
         else:
             self._rearm(instance.study_uid)
         return previous
 
-    def release(self, instance: ReceivedInstance) -> None:
-        """The instance has been analysed (or replaced, or its study answered): its bytes are not needed any more
-        and stop counting against the budget. Idempotent: the bytes are counted off once, as they are let go."""
-        self._held -= len(instance.data)
+    def analysed(self, instance: ReceivedInstance, kept_bytes: int) -> None:
+        """The instance has been analysed: its received bytes go, and `kept_bytes` (what its analysis keeps until
+        its study is answered) count instead. Nothing once its study was answered or it was replaced."""
         instance.data = b""
+        if instance in self._charged:
+            self._charge(instance, kept_bytes)
+
+    def release(self, instance: ReceivedInstance) -> None:
+        """The instance was replaced, or its study answered: nothing of it is held any more. Idempotent: what it
+        counted for is counted off once."""
+        self._held -= self._charged.pop(instance, 0)
+        instance.data = b""
+
+    def _charge(self, instance: ReceivedInstance, size: int) -> None:
+        self._held += size - self._charged.get(instance, 0)
+        self._charged[instance] = size
 
     def touch(self, study_uid: str) -> None:
         """An instance of this study is on its way (e.g. waiting for room): its study is not quiet yet, so the

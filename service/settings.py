@@ -113,7 +113,7 @@ class Settings(BaseSettings):
         16, ge=1, le=1000, description="...or once it holds this many instances (the rest form a new group)"
     )
     dicom_held_bytes_budget: int = Field(
-        500_000_000, ge=1, description="instances received and not yet analysed; more: 'out of resources' (0xA700)"
+        500_000_000, ge=1, description="memory held for studies not yet answered; more: 'out of resources' (0xA700)"
     )
     dicom_outputs: Annotated[list[str], NoDecode] = Field(
         ["sr", "gsps", "sc"], description="result objects to send: sr, gsps, sc (comma-separated)"

@@ -1,6 +1,7 @@
 """The node's analysis through the real core (a tiny bundle, onnxruntime): each instance is analysed as soon
-as it is taken, while its study is still arriving, and lets its parsed pixel data go; the study waits only
-for its answer and its objects; an instance sent again replaces the first one's analysis."""
+as it is taken, while its study is still arriving, and lets its parsed pixel data go, what it keeps for its
+study counting against the held-bytes budget; the study waits only for its answer and its objects; an
+instance sent again replaces the first one's analysis."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pydicom
 import pytest
 from factories import build_tiny_bundle
 
-from dicom_node.analysis import StudyAnalyser, StudyOutcome
+from dicom_node.analysis import HEADER_ALLOWANCE_BYTES, StudyAnalyser, StudyOutcome
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.studies import ReceivedInstance, ReceivedStudy, StudyCollector
 from inference.bundle import load_bundle
@@ -59,24 +60,33 @@ async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyse
     first, second, third = _instances(3)
     for instance in (first, second):
         assert collector.add(instance) is None
-        analyser.begin(instance, collector.release)
-    assert collector.held_bytes == len(first.data) + len(second.data)
+        analyser.begin(instance, collector.analysed)
+    received = len(first.data) + len(second.data)
+    assert collector.held_bytes == received
     early = dict(analyser._early)
     assert len(early) == 2
     await _until(lambda: all(task.done() for task in early.values()))
     await asyncio.sleep(0)  # the done callbacks
     assert collector.waiting_studies == 1  # analysed, and the study is still open: nothing answered yet
     assert outcomes == []
-    assert collector.held_bytes == 0  # their bytes let go once analysed, not when the study is answered
-    assert first.data == second.data == b""
+    assert first.data == second.data == b""  # their bytes let go once analysed, not when the study is answered
+    kept = 0
     for task in early.values():
         result, explained = task.result()
         assert result.prepared.dicom is not None
-        assert "PixelData" not in result.prepared.dicom.dataset  # let go once analysed
+        assert result.upload.data == b""  # the received bytes let go once analysed...
+        assert "PixelData" not in result.prepared.dicom.dataset  # ...and the parsed pixel data
+        assert result.prepared.display is None  # ...with the display image and the feature map
+        assert result.prediction.feature_map is None
         assert explained.cam is not None
+        assert explained.overlay_rgb is not None
+        kept += explained.overlay_rgb.nbytes + explained.cam.nbytes + result.prepared.pixels.nbytes
+    # what the analyses keep for the study's answer still counts against the budget, until it is answered
+    # (these small test images are smaller than that; a 10 MB radiograph keeps about 1 MB)
+    assert collector.held_bytes == kept + 2 * HEADER_ALLOWANCE_BYTES
 
     collector.add(third)  # the third instance completes the study
-    analyser.begin(third, collector.release)
+    analyser.begin(third, collector.analysed)
     await collector.drain()
     (outcome,) = outcomes
     assert sorted(image["sop_instance_uid"] for image in outcome.images) == sorted(

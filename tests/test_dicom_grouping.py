@@ -68,21 +68,38 @@ async def test_an_instance_waiting_for_room_keeps_its_study_open() -> None:
 
 
 async def test_bytes_are_counted_off_once_however_they_are_let_go() -> None:
-    """Analysed (release), replaced by a re-send, or answered with the study: each instance's bytes leave the
-    budget once, so the held count never drifts."""
+    """Analysed (its received bytes give way to what the analysis keeps), replaced by a re-send, or answered
+    with the study: what each instance counts for leaves the budget once, so the held count never drifts."""
     seen = Recorder()
     collector = StudyCollector(seen, quiet_s=60, max_instances=100, held_bytes_budget=10_000)
     first, second = _instance("S1", "1", 100), _instance("S1", "2", 50)
     collector.add(first)
     collector.add(second)
+    collector.analysed(first, 30)
+    assert first.data == b""
+    assert collector.held_bytes == 30 + 50  # the analysis's 30 until the study is answered
     collector.release(first)
     collector.release(first)  # twice: nothing more
+    assert collector.held_bytes == 50
+    collector.analysed(first, 30)  # an analysis that ends after its instance was let go: nothing counted
     assert collector.held_bytes == 50
     assert collector.add(_instance("S1", "1", 70)) is first  # a re-send of an analysed instance
     assert collector.held_bytes == 120
     await collector.flush()
     assert collector.held_bytes == 0
     assert sorted(seen.studies[0].instances) == ["1", "2"]
+
+
+async def test_analysed_instances_waiting_for_their_study_fill_the_budget() -> None:
+    """Studies kept open by a long quiet time cannot hold more than the budget: what their analysed
+    instances keep counts, so the door refuses before memory grows past it."""
+    collector = StudyCollector(Recorder(), quiet_s=3600, max_instances=100, held_bytes_budget=1_000)
+    for n in range(4):
+        instance = _instance(f"S{n}", "1", 400)
+        collector.add(instance)
+        collector.analysed(instance, 250)
+    assert collector.held_bytes == 1_000
+    assert not collector.can_hold(1)
 
 
 async def test_a_full_study_is_answered_at_once_and_the_rest_starts_a_new_group() -> None:
