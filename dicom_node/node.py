@@ -19,6 +19,7 @@ from dicom_node.analysis import StudyAnalyser, StudyOutcome
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.delivery import Destination
+from dicom_node.events import NodeEvents
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import Outbox
 from dicom_node.scope import (
@@ -61,10 +62,13 @@ class Receipt:
 
 
 class DicomNode:
-    def __init__(self, predictor: Predictor, outbox: Outbox, config: NodeConfig) -> None:
+    def __init__(
+        self, predictor: Predictor, outbox: Outbox, config: NodeConfig, events: NodeEvents | None = None
+    ) -> None:
         self.predictor = predictor
         self.outbox = outbox
         self.config = config
+        self.events = events or NodeEvents()
         self.destination = Destination.parse(config.destination)
         self.audit = AuditLog(config.audit_log)
         self.builder = ObjectBuilder(config.build_processes)
@@ -84,6 +88,7 @@ class DicomNode:
             retry_initial_s=config.retry_initial_s,
             retry_max_s=config.retry_max_s,
             parallel=config.delivery_associations,
+            events=self.events,
         )
         self.spool = Spool(config.spool_dir) if config.spool_dir is not None else None
         self._spooling_bytes = 0  # instances being written to the spool: room taken, not yet in the collector
@@ -122,6 +127,11 @@ class DicomNode:
         self, data: bytes, door: Door, *, calling_ae: str | None = None, peer: str | None = None
     ) -> Receipt:
         """Take one Part 10 instance for analysis with its study, or say why not (a C-STORE status)."""
+        receipt = await self._receive(data, door, calling_ae, peer)
+        self.events.instance(door, receipt.status)
+        return receipt
+
+    async def _receive(self, data: bytes, door: Door, calling_ae: str | None, peer: str | None) -> Receipt:
         try:  # the core's guards: a deflate bomb is refused before it inflates, a broken file has a reason
             header = read_dataset(
                 data,
@@ -185,6 +195,7 @@ class DicomNode:
             sop_instance_uids=[entry.sop_instance_uid for entry in left],
         )
         log.info("DICOM node: %d instance(s) received before a restart are analysed now", len(left))
+        self.events.recovered(len(left))
         for entry in left:
             size = min(entry.path.stat().st_size if entry.path.exists() else 0, self.config.held_bytes_budget)
             while self._no_room(size, count=False, spooled=False) is not None:
@@ -271,6 +282,7 @@ class DicomNode:
         )
         outcome = await self.analyser.analyse(study)
         self._audit_answer(study, outcome)
+        self.events.answered(len(instances), len(outcome.objects))
         if not outcome.objects:
             return True
         kept = await self._put(study, outcome)

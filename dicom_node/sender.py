@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from dicom_node.audit import AuditLog
 from dicom_node.delivery import DeliveryError, Destination, deliver
+from dicom_node.events import NodeEvents
 from dicom_node.outbox import Claimed, Outbox
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class DeliveryLoop:
         retry_max_s: float,
         poll_s: float = POLL_S,
         parallel: int = PARALLEL,
+        events: NodeEvents | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -57,6 +59,7 @@ class DeliveryLoop:
         self.poll_s = poll_s
         self.parallel = parallel
         self.lease_s = max(60.0, 4 * timeout_s)
+        self.events = events or NodeEvents()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()  # set when a round found nothing due (tests and shutdown wait on it)
@@ -149,6 +152,7 @@ class DeliveryLoop:
         log.info("DICOM delivery: %d object(s) to %s", len(uids), destination)
 
     def _audit(self, entries: Sequence[Claimed], destination: str, outcome: str, status: str, attempt: int) -> None:
+        self.events.delivery(outcome, len(entries))
         self.audit.write(
             "delivery",
             study_ref=sorted({e.study_ref for e in entries}),

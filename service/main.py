@@ -17,7 +17,7 @@ from service.analysis_api import router as analysis_router
 from service.api import router
 from service.dicomweb_api import router as dicomweb_router
 from service.errors import install_error_handlers
-from service.metrics import Metrics, MetricsEvents, MetricsMiddleware
+from service.metrics import Metrics, MetricsEvents, MetricsMiddleware, NodeMetricsEvents
 from service.pages import mount_pages
 from service.pages import router as pages_router
 from service.security import ApiKeyDep, exposure_warning, install_cors
@@ -54,7 +54,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
             from service.outbox import StoreOutbox
 
             # DICOM and HTTP traffic share this predictor: one admission, one set of models
-            node = DicomNode(predictor, StoreOutbox(store), node_config)
+            node = DicomNode(predictor, StoreOutbox(store), node_config, NodeMetricsEvents(metrics))
+            metrics.track_node(node)
             await node.start()
         app.state.dicom_node = node
         if (warning := exposure_warning(settings)) is not None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dicom_node.events import NodeEvents
 from inference.batching import BatchStats
 from inference.events import PredictorEvents
 
 if TYPE_CHECKING:
+    from dicom_node.node import DicomNode
     from inference.predictor import Predictor
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -78,6 +81,43 @@ class Metrics:
             "bfd_slow_uploads", "request bodies cut with 408 (too slow or too long)", registry=self.registry
         )
 
+    def track_node(self, node: DicomNode) -> None:
+        """The DICOM node's gauges and counters (registered only when the node is on), its state read at scrape
+        time."""
+        registry = self.registry
+        self.dicom_instances = Counter(
+            "bfd_dicom_instances",
+            "instances answered at the node's doors: status 0x0000 stored (taken), else the refusal's status",
+            ["door", "status"],
+            registry=registry,
+        )
+        self.dicom_recovered = Counter(
+            "bfd_dicom_instances_recovered", "instances taken back from the spool at start-up", registry=registry
+        )
+        self.dicom_studies = Counter("bfd_dicom_studies_answered", "studies answered", registry=registry)
+        self.dicom_objects = Counter(
+            "bfd_dicom_result_objects",
+            "result objects: 'made' (put in the outbox), then per delivery attempt 'delivered', 'retry' or "
+            "'refused' (given up)",
+            ["outcome"],
+            registry=registry,
+        )
+        gauges: dict[str, tuple[str, Callable[[], float]]] = {
+            "bfd_dicom_held_bytes": ("memory held for studies not yet answered", lambda: node.collector.held_bytes),
+            "bfd_dicom_held_bytes_budget": ("the held-bytes budget", lambda: node.config.held_bytes_budget),
+            "bfd_dicom_waiting_studies": ("studies receiving (not quiet yet)", lambda: node.collector.waiting_studies),
+            "bfd_dicom_analyses_in_progress": (
+                "instances analysed or being analysed whose study is not answered yet",
+                lambda: node.analyser.in_progress,
+            ),
+            "bfd_dicom_spool_bytes": (
+                "bytes of received instances in the spool (0 without one)",
+                lambda: node.spool.bytes_kept if node.spool is not None else 0,
+            ),
+        }
+        for name, (description, read) in gauges.items():
+            Gauge(name, description, registry=registry).set_function(read)
+
     def track(self, predictor: Predictor) -> None:
         """Read the predictor's admission and memory state at scrape time (NaN while there is no estimate)."""
         batcher = predictor.batcher
@@ -109,6 +149,26 @@ class MetricsEvents(PredictorEvents):
             self.metrics.inference_seconds.observe(stats.run_seconds)
         if stats.skipped:
             self.metrics.skipped.inc(stats.skipped)
+
+
+class NodeMetricsEvents(NodeEvents):
+    """The DICOM node's events, counted in the app's Prometheus registry (after `Metrics.track_node`)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def instance(self, door: str, status: int) -> None:
+        self.metrics.dicom_instances.labels(door, f"{status:#06x}").inc()
+
+    def recovered(self, instances: int) -> None:
+        self.metrics.dicom_recovered.inc(instances)
+
+    def answered(self, instances: int, objects: int) -> None:
+        self.metrics.dicom_studies.inc()
+        self.metrics.dicom_objects.labels("made").inc(objects)
+
+    def delivery(self, outcome: str, objects: int) -> None:
+        self.metrics.dicom_objects.labels(outcome).inc(objects)
 
 
 def _or_nan(value: float | None) -> float:

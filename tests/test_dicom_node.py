@@ -27,6 +27,7 @@ import pydicom
 import pytest
 from factories import build_tiny_bundle
 from orthanc_fixtures import skip_or_fail
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -386,6 +387,42 @@ def test_a_node_killed_before_answering_answers_from_its_spool_after_the_restart
         spool.unlink()
         spool.mkdir()
         assert _send(port, study[:1]) == [0]  # and the node kept serving
+
+
+def _metrics(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_what_the_node_took_refused_answered_and_delivered(node: Server) -> None:
+    """/metrics shows the node at work: instances by door and status, studies answered, result objects made and
+    delivered, and its gauges (memory held against the budget, back to nothing once the study is answered)."""
+    stored = ("bfd_dicom_instances_total", (("door", "dimse"), ("status", "0x0000")))
+    refused = ("bfd_dicom_instances_total", (("door", "dimse"), ("status", "0x0122")))
+    studies = ("bfd_dicom_studies_answered_total", ())
+    made = ("bfd_dicom_result_objects_total", (("outcome", "made"),))
+    delivered = ("bfd_dicom_result_objects_total", (("outcome", "delivered"),))
+    before = _metrics(node)
+    study = _roundtrip(make_study(2, body_parts=["hand"], patient_name=PATIENT_NAME))
+    assert _send(node.dicom_port, [*study, unsupported_instance("MG")]) == [0, 0, 0x0122]  # type: ignore[attr-defined]
+
+    def delta(key: tuple[str, tuple[tuple[str, str], ...]]) -> float:
+        return _metrics(node).get(key, 0.0) - before.get(key, 0.0)
+
+    _wait_for("the study's results delivered", lambda: delta(delivered) >= 1 + 2 + 2, server=node)
+    assert delta(stored) == 2
+    assert delta(refused) == 1
+    assert delta(studies) == 1
+    assert delta(made) == 1 + 2 + 2
+    after = _metrics(node)
+    assert after[("bfd_dicom_held_bytes_budget", ())] > 0
+    assert after[("bfd_dicom_held_bytes", ())] == 0  # answered: nothing held
+    assert after[("bfd_dicom_analyses_in_progress", ())] == 0
+    assert ("bfd_dicom_spool_bytes", ()) in after
 
 
 def test_the_audit_log_names_objects_never_patients(node: Server) -> None:
