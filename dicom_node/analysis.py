@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from dicom_node.object_builder import ObjectBuilder, without_pixel_data
 from dicom_node.outbox import ResultObject
 from dicom_node.studies import ReceivedInstance, ReceivedStudy
@@ -133,10 +135,12 @@ class StudyAnalyser:
         (result,) = await self.predictor.run_images(tickets, [upload])
         explained = await self.predictor.explain(result)
         # What the study's answer and objects do not need goes now: the received bytes and the parsed pixel data
-        # (each as large as the file), the display image and the feature map (the overlay and the Grad-CAM were
-        # made from them).
+        # (each as large as the file), the full-size rendering (5 MB for a 2000x2500 radiograph), the display
+        # image and the feature map (the model input, the overlay and the Grad-CAM were made from them).
         dicom = result.prepared.dicom
-        header = replace(dicom, dataset=without_pixel_data(dicom.dataset)) if dicom is not None else None
+        header = (
+            replace(dicom, dataset=without_pixel_data(dicom.dataset), pixels=NO_PIXELS) if dicom is not None else None
+        )
         result = replace(
             result,
             upload=replace(result.upload, data=b""),
@@ -154,6 +158,7 @@ class StudyAnalyser:
                 await asyncio.sleep(min(error.retry_after_s, 2.0))
 
 
+NO_PIXELS = np.zeros((0, 0), dtype=np.uint8)  # an analysed instance's rendering, once let go
 HEADER_ALLOWANCE_BYTES = 64 * 1024  # the source's header and the answer, beside the arrays counted
 
 

@@ -75,7 +75,8 @@ async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyse
         result, explained = task.result()
         assert result.prepared.dicom is not None
         assert result.upload.data == b""  # the received bytes let go once analysed...
-        assert "PixelData" not in result.prepared.dicom.dataset  # ...and the parsed pixel data
+        assert "PixelData" not in result.prepared.dicom.dataset  # ...and the parsed pixel data...
+        assert result.prepared.dicom.pixels.size == 0  # ...and the full-size rendering
         assert result.prepared.display is None  # ...with the display image and the feature map
         assert result.prediction.feature_map is None
         assert explained.cam is not None

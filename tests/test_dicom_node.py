@@ -425,6 +425,30 @@ def test_metrics_count_what_the_node_took_refused_answered_and_delivered(node: S
     assert ("bfd_dicom_spool_bytes", ()) in after
 
 
+def test_analysed_instances_waiting_for_their_study_keep_little_of_their_bytes(bundle: Path, tmp_path: Path) -> None:
+    """30 radiographs of 10 MB (2000x2500, 12-bit) in one study kept open (a long quiet time): once analysed,
+    each keeps about 1 MB (overlay, model input; counted in the held bytes), not its received bytes, its parsed
+    pixels or its full-size rendering, so the service's memory grows by far less than what was sent."""
+    port = free_port()
+    env = _node_env(tmp_path, port, "PACS@127.0.0.1:9", BFD_DICOM_QUIET_S="600", BFD_DICOM_STUDY_MAX_INSTANCES="100")
+    study = make_study(30, modality="DX", bits_stored=12, size=(2500, 2000))
+    sent = sum(len(part10_bytes(ds)) for ds in study)
+    assert sent > 290_000_000
+    with bfd_serve(bundle, tmp_path, env=env) as server:
+        baseline = server.ps.memory_info().rss
+        assert _send(port, study) == [0] * 30
+        _wait_for(
+            "every instance analysed, the study still open",
+            lambda: _metrics(server)[("bfd_dicom_held_bytes", ())] < 30 * 2_000_000,
+            server=server,
+        )
+        held = _metrics(server)[("bfd_dicom_held_bytes", ())]
+        assert held > 30 * 500_000  # what the analyses keep still counts
+        assert _metrics(server)[("bfd_dicom_waiting_studies", ())] == 1
+        grown = server.ps.memory_info().rss - baseline
+    assert grown < sent / 2, f"the service grew by {grown / 1e6:.0f} MB for {sent / 1e6:.0f} MB sent"
+
+
 def test_the_audit_log_names_objects_never_patients(node: Server) -> None:
     text = node.audit.read_text(encoding="ascii")  # type: ignore[attr-defined]
     assert text
