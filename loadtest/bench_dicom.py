@@ -12,7 +12,8 @@ Then, against one `bfd serve` with its DICOM node on and a real Orthanc as the P
    node's results (an SR per study, a GSPS and an SC per image) are C-STOREd back into the same studies.
    instances/s = instances / the time until the last result object is in Orthanc.
 Target: DICOM instances/s >= 80% of the HTTP img/s. Orthanc, the client and the service share the machine, so
-each phase also reports the CPU seconds each process spent, per image.
+each phase also reports the CPU seconds each process spent, per image, and the service's peak RSS (with its
+child processes, sampled every 0.1 s).
 JSON and Markdown go to --out (`dicom_benchmark.{json,md}`).
 """
 
@@ -23,6 +24,7 @@ import asyncio
 import io
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -81,6 +83,35 @@ class CpuMeter:
         }
 
 
+class PeakRss:
+    """The service's largest resident memory (with its child processes) between `start()` and `stop()`."""
+
+    def __init__(self, server: Server, every_s: float = 0.1) -> None:
+        self.server = server
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._before = self._peak = 0.0
+
+    def start(self) -> None:
+        self._before = self._peak = self.server.rss_mb()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            rss = self.server.rss_mb()
+            if rss == rss:  # NaN while a child process is starting or ending
+                self._peak = max(self._peak, rss)
+
+    def stop(self) -> Json:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return {"rss_mb": {"before": round(self._before), "max": round(self._peak)}}
+
+
 def push_from_orthanc(orthanc: OrthancServer, study_ids: Sequence[str], timeout_s: float) -> Json:
     """Orthanc (the PACS) C-STOREs every study to the node, one asynchronous job per study, as many jobs at once as
     its ConcurrentJobs; a failed job (e.g. 0xA700 answered for longer than the node holds a sender) is re-run."""
@@ -110,13 +141,16 @@ def results_in(orthanc: OrthancServer, study_uids: Sequence[str], sources: int) 
     return sum(len(orthanc.instance_ids(uid)) for uid in study_uids) - sources
 
 
-def dicom_path(orthanc: OrthancServer, datasets: Sequence[Dataset], meter: CpuMeter, args: Any) -> Json:
+def dicom_path(
+    orthanc: OrthancServer, datasets: Sequence[Dataset], meter: CpuMeter, memory: PeakRss, args: Any
+) -> Json:
     for ds in datasets:  # the PACS holds the study set before the clock starts
         orthanc.upload(part10_bytes(ds))
     study_uids = sorted({str(ds.StudyInstanceUID) for ds in datasets})
     study_ids = [orthanc.find_study(uid) or "" for uid in study_uids]
     expected = len(study_uids) + 2 * len(datasets)  # an SR per study, a GSPS and an SC per image
     meter.start()
+    memory.start()
     started = time.perf_counter()
     sent = push_from_orthanc(orthanc, study_ids, args.result_timeout_s)
     acknowledged = time.perf_counter()
@@ -140,19 +174,21 @@ def dicom_path(orthanc: OrthancServer, datasets: Sequence[Dataset], meter: CpuMe
         "instances_per_s": round(len(datasets) / seconds, 2) if have >= expected else 0.0,
         **sent,
         **meter.stop(len(datasets)),
+        **memory.stop(),
     }
 
 
-def http_path(server: Server, datasets: Sequence[Dataset], meter: CpuMeter, args: Any) -> Json:
+def http_path(server: Server, datasets: Sequence[Dataset], meter: CpuMeter, memory: PeakRss, args: Any) -> Json:
     uploads = [(str(ds.SOPInstanceUID), part10_bytes(ds), "application/dicom") for ds in datasets]
     bodies = encode_bodies(uploads)
     # a well-behaved client (it waits out Retry-After), as the PACS sender waits out 0xA700
     meter.start()
+    memory.start()
     result = asyncio.run(
         closed_loop(server, bodies, args.concurrency, args.warmup_s, args.duration_s, False, honour_retry_after=True)
     )
     answered = max(1, round(result["throughput_img_s"] * (args.warmup_s + args.duration_s)))
-    return {"concurrency": args.concurrency, **result, **meter.stop(answered)}
+    return {"concurrency": args.concurrency, **result, **meter.stop(answered), **memory.stop()}
 
 
 def run(args: argparse.Namespace) -> Json:
@@ -174,8 +210,9 @@ def run(args: argparse.Namespace) -> Json:
         }
         with bfd_serve(args.bundle, folder, env=env) as server:
             meter = CpuMeter({"service": server.ps, "orthanc": orthanc.process}, psutil.Process())
-            http = http_path(server, datasets, meter, args)
-            dicom = dicom_path(orthanc, datasets, meter, args)
+            memory = PeakRss(server)
+            http = http_path(server, datasets, meter, memory, args)
+            dicom = dicom_path(orthanc, datasets, meter, memory, args)
     ratio = dicom["instances_per_s"] / http["throughput_img_s"] if http["throughput_img_s"] else 0.0
     return {
         "benchmark": "dicom_node",
@@ -199,6 +236,11 @@ def _cpu(phase: Json) -> str:
     return ", ".join(f"{name} {ms:.0f} ({system[name]:.0f} system)" for name, ms in phase["cpu_ms_per_image"].items())
 
 
+def _rss(phase: Json) -> str:
+    rss = phase.get("rss_mb") or {}
+    return f"service RSS {rss.get('before', 0)} MiB before, {rss.get('max', 0)} MiB at most"
+
+
 def render_markdown(report: Json) -> str:
     http, dicom = report["http"], report["dicom"]
     latency = http["latency_ms"]
@@ -214,11 +256,12 @@ def render_markdown(report: Json) -> str:
             "|---|---|---|---|",
             f"| HTTP /v1/predict (application/dicom, concurrency {http['concurrency']}) | "
             f"{http['throughput_img_s']:.2f} img/s | p50 {latency['p50'] or 0:.0f} ms, "
-            f"p99 {latency['p99'] or 0:.0f} ms | {_cpu(http)} |",
+            f"p99 {latency['p99'] or 0:.0f} ms; {_rss(http)} | {_cpu(http)} |",
             f"| Orthanc C-STORE -> node -> SR + GSPS + SC C-STOREd into Orthanc ({dicom['concurrent_store_jobs']} "
             f"associations) | {dicom['instances_per_s']:.2f} instances/s | all sent after "
             f"{dicom['seconds_until_all_acknowledged']} s, last result in Orthanc after "
-            f"{dicom['seconds_until_last_result_in_orthanc']} s; {dicom['store_jobs_rerun']} store jobs re-run | "
+            f"{dicom['seconds_until_last_result_in_orthanc']} s; {dicom['store_jobs_rerun']} store jobs re-run; "
+            f"{_rss(dicom)} | "
             f"{_cpu(dicom)} |",
             "",
             f"Ratio DICOM/HTTP: **{report['ratio_dicom_to_http']:.2f}** (target >= {report['target_ratio_min']}: "
