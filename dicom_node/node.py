@@ -197,7 +197,7 @@ class DicomNode:
         log.info("DICOM node: %d instance(s) received before a restart are analysed now", len(left))
         self.events.recovered(len(left))
         for entry in left:
-            size = min(entry.path.stat().st_size if entry.path.exists() else 0, self.config.held_bytes_budget)
+            size = min(entry.size, self.config.held_bytes_budget)  # one larger than the budget still gets in
             while self._no_room(size, count=False, spooled=False) is not None:
                 self.collector.touch(entry.study_uid)
                 await asyncio.sleep(ROOM_POLL_S)

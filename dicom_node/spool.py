@@ -48,6 +48,7 @@ class SpooledInstance:
     peer: str | None
     received_at: float
     path: Path
+    size: int  # bytes of the data file, as found
 
     def load(self) -> ReceivedInstance:
         """The instance as the node received it, bytes read back from disk."""
@@ -122,7 +123,7 @@ class Spool:
                 if entry is not None:
                     found.append(entry)
         with self._lock:
-            self._sizes.update({entry.key: entry.path.stat().st_size for entry in found})
+            self._sizes.update({entry.key: entry.size for entry in found})
         return sorted(found, key=lambda entry: entry.received_at)
 
     def _entry(self, facts_path: Path) -> SpooledInstance | None:
@@ -131,25 +132,29 @@ class Spool:
         try:
             facts = json.loads(facts_path.read_bytes())
             door: Door = "stow-rs" if facts["door"] == "stow-rs" else "dimse"
-            entry = SpooledInstance(
-                key,
-                str(facts["study_uid"]),
-                str(facts["sop_class_uid"]),
-                str(facts["sop_instance_uid"]),
-                door,
-                facts.get("calling_ae"),
-                facts.get("peer"),
-                float(facts.get("received_at", 0.0)),
-                data_path,
-            )
+            study_uid, sop_class_uid = str(facts["study_uid"]), str(facts["sop_class_uid"])
+            sop_instance_uid, received_at = str(facts["sop_instance_uid"]), float(facts.get("received_at", 0.0))
         except (OSError, ValueError, KeyError, TypeError) as error:
             log.error("spool: %s is unreadable (%s); left in place for an operator", facts_path.name, error)
             return None
-        if not data_path.exists():
+        try:
+            size = data_path.stat().st_size
+        except OSError:
             log.error("spool: %s has no data file; its facts are removed", facts_path.name)
             facts_path.unlink(missing_ok=True)
             return None
-        return entry
+        return SpooledInstance(
+            key,
+            study_uid,
+            sop_class_uid,
+            sop_instance_uid,
+            door,
+            facts.get("calling_ae"),
+            facts.get("peer"),
+            received_at,
+            data_path,
+            size,
+        )
 
     def _write(self, name: str, data: bytes) -> None:
         partial = self.folder / (name + PARTIAL_SUFFIX)
