@@ -17,7 +17,8 @@ class NodeConfig:
     allowed_aes: tuple[str, ...] = ()  # calling AE titles let in; empty: any
     quiet_s: float = 5.0  # a study is answered when no instance of it arrived for this long...
     study_max_instances: int = 16  # ...or when it holds this many (the rest start a new batch)
-    held_bytes_budget: int = 500_000_000  # held for studies not yet answered; more: 'out of resources'
+    held_bytes_budget: int = 500_000_000  # held for studies not yet answered (or arriving); more: 'out of resources'
+    max_instance_bytes: int = 100_000_000  # one instance larger than this is refused (while it arrives, over DIMSE)
     outputs: tuple[str, ...] = RESULT_KINDS
     build_processes: int = 1  # worker processes building the result objects (0: a thread of the service)
     audit_log: Path = field(default_factory=lambda: Path("bfd-dicom-audit.jsonl"))

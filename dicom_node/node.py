@@ -22,6 +22,7 @@ from dicom_node.delivery import Destination
 from dicom_node.events import NodeEvents
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import Outbox
+from dicom_node.receiving import ReceiveGate, Withheld
 from dicom_node.scope import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -92,6 +93,12 @@ class DicomNode:
         )
         self.spool = Spool(config.spool_dir) if config.spool_dir is not None else None
         self._spooling_bytes = 0  # instances being written to the spool: room taken, not yet in the collector
+        self.gate = ReceiveGate(  # what instances may take while they arrive (dicom_node.receiving)
+            max_instance_bytes=config.max_instance_bytes,
+            budget=config.held_bytes_budget,
+            held=lambda: self.collector.held_bytes + self._spooling_bytes,
+            wait_s=ROOM_WAIT_S,
+        )
         self._recovery: asyncio.Task[None] | None = None
         self.scp: StorageSCP | None = None
         self.stopping = False
@@ -104,7 +111,7 @@ class DicomNode:
             if left:
                 self._recovery = asyncio.get_running_loop().create_task(self._recover(left), name="dicom-recovery")
         if self.config.port is not None:
-            self.scp = StorageSCP(self.config, asyncio.get_running_loop(), self._receive_dimse)
+            self.scp = StorageSCP(self.config, asyncio.get_running_loop(), self._receive_dimse, self.gate)
             await asyncio.to_thread(self.scp.start)
         log.info("DICOM node on: results to %s", self.destination.describe())
 
@@ -120,8 +127,17 @@ class DicomNode:
         await asyncio.to_thread(self.builder.close)
 
     # -- in -----------------------------------------------------------------------------------------------------
-    async def _receive_dimse(self, data: bytes, calling_ae: str | None, peer: str | None) -> int:
-        return (await self.receive(data, "dimse", calling_ae=calling_ae, peer=peer)).status
+    async def _receive_dimse(
+        self, incoming: bytes | Withheld, calling_ae: str | None, peer: str | None
+    ) -> tuple[int, str | None]:
+        if isinstance(incoming, Withheld):  # not kept while it arrived: refused, as the gate said
+            receipt = self._refused(
+                incoming.status, incoming.sop_class_uid, incoming.sop_instance_uid, incoming.reason, "dimse", calling_ae
+            )
+            self.events.instance("dimse", receipt.status)
+        else:
+            receipt = await self.receive(incoming, "dimse", calling_ae=calling_ae, peer=peer)
+        return receipt.status, receipt.reason
 
     async def receive(
         self, data: bytes, door: Door, *, calling_ae: str | None = None, peer: str | None = None
@@ -152,6 +168,8 @@ class DicomNode:
             )
         if (reason := sop_class_refusal(sop_class)) is not None:
             return self._refused(SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance, reason, door, calling_ae)
+        if (reason := self.gate.too_large(len(data))) is not None:
+            return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         if syntax and (reason := transfer_syntax_refusal(syntax)) is not None:
             return self._refused(CANNOT_UNDERSTAND, sop_class, sop_instance, reason, door, calling_ae)
         if self.stopping:

@@ -7,6 +7,8 @@ sender retries later), 0x0122 for a SOP class the node does not analyse (every s
 negotiated so that the sender gets this status rather than a bare rejection), 0xC000 for what does not
 parse. Transfer syntaxes the core cannot decode are not accepted at negotiation, the standard's way to say so.
 Calling AE titles outside `allowed_aes` are rejected at association (reason: calling AE not recognised).
+While a data set arrives, `dicom_node.receiving` bounds what it may keep in memory (refusals before the end
+reach the node as `Withheld`); a refusal's reason goes back in the response's Error Comment.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 from dicom_node.config import NodeConfig
+from dicom_node.receiving import ReceiveBuffer, ReceiveGate, Withheld, bound_receiving, release_unfinished
 from dicom_node.scope import ACCEPTED_TRANSFER_SYNTAXES, CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from dicom_node.tcp import no_delay
 
@@ -47,16 +51,21 @@ RECV_CHUNK_BYTES = 1024 * 1024
 # core per open association, measured, with 4 associations from a PACS a quarter of a core and a GIL hand-over
 # every millisecond. Its non-blocking look waits up to this long instead, and returns as soon as a message comes.
 ACCEPTOR_IDLE_WAIT_S = 0.01
-Receive = Callable[[bytes, str | None, str | None], Coroutine[Any, Any, int]]  # (part 10 bytes, calling AE, peer host)
+ERROR_COMMENT_CHARS = 64  # Error Comment (0000,0902) is an LO
+# (part 10 bytes or why they were not kept, calling AE, peer host) -> (status, reason when refused)
+Receive = Callable[[bytes | Withheld, str | None, str | None], Coroutine[Any, Any, tuple[int, str | None]]]
 
 
 class StorageSCP:
     """Listens on `config.host:config.port` until `stop()`."""
 
-    def __init__(self, config: NodeConfig, loop: asyncio.AbstractEventLoop, receive: Receive) -> None:
+    def __init__(
+        self, config: NodeConfig, loop: asyncio.AbstractEventLoop, receive: Receive, gate: ReceiveGate
+    ) -> None:
         self.config = config
         self.loop = loop
         self.receive = receive
+        self.gate = gate
         self.ae = AE(ae_title=config.ae_title)
         self.ae.require_called_aet = False  # senders often call us by another title; the calling AE is checked
         if config.allowed_aes:
@@ -83,14 +92,20 @@ class StorageSCP:
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
+            (evt.EVT_CONN_CLOSE, lambda event: release_unfinished(event.assoc.dimse)),
         ]
         port = self.config.port or 0
-        self._server = server = self.ae.make_server(
-            (self.config.host, port),
-            evt_handlers=handlers,
-            server_class=ThreadedAssociationServer,
-            request_handler=_BulkReadHandler,
+        server = cast(
+            _GatedServer,
+            self.ae.make_server(
+                (self.config.host, port),
+                evt_handlers=handlers,
+                server_class=_GatedServer,
+                request_handler=_BulkReadHandler,
+            ),
         )
+        server.receive_gate = self.gate
+        self._server = server
         self.ae._servers.append(server)  # as AE.start_server does: the server's shutdown() takes it out again
         threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
         log.info("DICOM storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
@@ -101,25 +116,49 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         """Runs in the association's thread."""
+        buffer = event.request.DataSet
         try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as error:  # what pynetdicom cannot even frame as a data set
-            log.warning("C-STORE: data set cannot be encoded (%s)", type(error).__name__)
-            return CANNOT_UNDERSTAND
+            return self._answer(event, buffer.withheld if isinstance(buffer, ReceiveBuffer) else None)
+        finally:
+            if isinstance(buffer, ReceiveBuffer):
+                buffer.release()  # the node holds it now (or refused it): its bytes count there
+
+    def _answer(self, event: Any, withheld: Withheld | None) -> int | Dataset:
+        incoming: bytes | Withheld
+        if withheld is not None:
+            incoming = withheld
+        else:
+            try:
+                incoming = event.encoded_dataset(include_meta=True)
+            except Exception as error:  # what pynetdicom cannot even frame as a data set
+                log.warning("C-STORE: data set cannot be encoded (%s)", type(error).__name__)
+                return CANNOT_UNDERSTAND
         requestor = event.assoc.requestor
         calling = str(requestor.ae_title).strip() or None
         peer = str(requestor.address) if requestor.address else None
-        future: concurrent.futures.Future[int] = asyncio.run_coroutine_threadsafe(
-            self.receive(data, calling, peer), self.loop
+        future: concurrent.futures.Future[tuple[int, str | None]] = asyncio.run_coroutine_threadsafe(
+            self.receive(incoming, calling, peer), self.loop
         )
         try:
-            return future.result(timeout=HANDOFF_TIMEOUT_S)
+            status, reason = future.result(timeout=HANDOFF_TIMEOUT_S)
         except Exception as error:  # the loop is busy or shutting down: the sender keeps it and retries
             future.cancel()
             log.warning("C-STORE: the node could not take the instance now (%s)", type(error).__name__)
             return OUT_OF_RESOURCES
+        if reason is None:
+            return status
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = reason[:ERROR_COMMENT_CHARS]
+        return answer
+
+
+class _GatedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, carrying the node's receive gate to each association's handler."""
+
+    receive_gate: ReceiveGate
 
 
 class _BulkReadSocket(AssociationSocket):
@@ -164,6 +203,7 @@ class _BulkReadHandler(RequestHandler):
         assoc = super()._create_association()
         assoc.dul._run_loop_delay = DUL_IDLE_POLL_S  # pynetdicom's documented knob for idle polling
         assoc.dimse.msg_queue = _WaitingMessageQueue()  # before the association's thread starts: nothing queued yet
+        bound_receiving(assoc.dimse, cast(_GatedServer, self.server).receive_gate)
         socket = assoc.dul.socket
         if type(socket) is AssociationSocket:
             socket.__class__ = _BulkReadSocket  # same state, a faster recv(); nothing else changes

@@ -84,24 +84,26 @@ class CpuMeter:
 
 
 class PeakRss:
-    """The service's largest resident memory (with its child processes) between `start()` and `stop()`."""
+    """The service's largest resident memory (with its child processes, unless told not to) between `start()`
+    and `stop()`."""
 
-    def __init__(self, server: Server, every_s: float = 0.1) -> None:
+    def __init__(self, server: Server, every_s: float = 0.1, children: bool = True) -> None:
         self.server = server
         self.every_s = every_s
+        self.children = children
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._before = self._peak = 0.0
 
     def start(self) -> None:
-        self._before = self._peak = self.server.rss_mb()
+        self._before = self._peak = self.server.rss_mb(self.children)
         self._stop.clear()
         self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.every_s):
-            rss = self.server.rss_mb()
+            rss = self.server.rss_mb(self.children)
             if rss == rss:  # NaN while a child process is starting or ending
                 self._peak = max(self._peak, rss)
 

@@ -41,10 +41,10 @@ class Server:
         self.log_file.flush()
         return self.log_path.read_text(errors="replace")
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server and its child processes (e.g. codec workers), in MiB."""
+    def rss_mb(self, children: bool = True) -> float:
+        """Resident memory of the server and (unless told not to) its child processes (e.g. codec workers), MiB."""
         try:
-            processes = [self.ps, *self.ps.children(recursive=True)]
+            processes = [self.ps, *(self.ps.children(recursive=True) if children else ())]
         except psutil.Error:
             return float("nan")
         total = 0

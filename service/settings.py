@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     dicom_held_bytes_budget: int = Field(
         500_000_000, ge=1, description="memory held for studies not yet answered; more: 'out of resources' (0xA700)"
     )
+    dicom_max_instance_bytes: int = Field(
+        100_000_000,
+        ge=1,
+        description="one instance larger than this (or than the held-bytes budget) is refused (0xA700); over DIMSE "
+        "as soon as it passes the limit",
+    )
     dicom_outputs: Annotated[list[str], NoDecode] = Field(
         ["sr", "gsps", "sc"], description="result objects to send: sr, gsps, sc (comma-separated)"
     )
@@ -229,6 +235,7 @@ class Settings(BaseSettings):
             quiet_s=self.dicom_quiet_s,
             study_max_instances=self.dicom_study_max_instances,
             held_bytes_budget=self.dicom_held_bytes_budget,
+            max_instance_bytes=self.dicom_max_instance_bytes,
             outputs=tuple(self.dicom_outputs),
             build_processes=self.dicom_build_processes,
             audit_log=self.dicom_audit_log,
