@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_node.tls import TlsConfig
+
 RESULT_KINDS = ("sr", "gsps", "sc")
 
 
@@ -28,3 +30,4 @@ class NodeConfig:
     delivery_associations: int = 4  # batches sent at once (C-STORE associations or STOW-RS requests)
     retry_initial_s: float = 2.0
     retry_max_s: float = 300.0
+    tls: TlsConfig = field(default_factory=TlsConfig)  # DICOM TLS for the SCP and/or the deliveries

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -123,8 +124,11 @@ def deliver(
     *,
     calling_ae: str = "BFD",
     timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Delivered]:
     """Send Part 10 files to the destination in one association (C-STORE) or one STOW-RS request.
+
+    `tls` (`dicom_node.tls.client_context`): a C-STORE association goes over TLS with it.
 
     Returns one `Delivered` per instance, in order; raises DeliveryError when any was not stored.
     """
@@ -137,7 +141,7 @@ def deliver(
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     log.debug("delivering %d object(s) to %s: %s", len(uids), destination.describe(), ", ".join(uids))
     if destination.kind == "dimse":
-        delivered = _deliver_dimse(destination, datasets, calling_ae, timeout_s)
+        delivered = _deliver_dimse(destination, datasets, calling_ae, timeout_s, tls)
     else:
         delivered = _deliver_dicomweb(destination, datasets, timeout_s)
     log.info("delivered %d object(s) to %s", len(delivered), destination.describe())
@@ -250,7 +254,11 @@ def _contexts(datasets: Sequence[Dataset]) -> list[tuple[UID, list[UID]]]:
 
 
 def _deliver_dimse(
-    destination: Destination, datasets: Sequence[Dataset], calling_ae: str, timeout_s: float
+    destination: Destination,
+    datasets: Sequence[Dataset],
+    calling_ae: str,
+    timeout_s: float,
+    tls: ssl.SSLContext | None,
 ) -> list[Delivered]:
     from pynetdicom import AE, evt  # imported here: only DIMSE destinations need it
 
@@ -277,7 +285,13 @@ def _deliver_dimse(
         (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
     ]
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=handlers)
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=handlers,
+            tls_args=(tls, destination.host) if tls is not None else None,
+        )
     except (OSError, RuntimeError) as error:
         raise DeliveryError(f"cannot reach {where} ({type(error).__name__})", retriable=True) from error
     if not assoc.is_established:

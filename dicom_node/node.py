@@ -22,7 +22,8 @@ from dicom_node.delivery import Destination
 from dicom_node.events import NodeEvents
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import Outbox
-from dicom_node.receiving import ReceiveGate, Withheld
+from dicom_node.receiving import Withheld
+from dicom_node.room import Room
 from dicom_node.scope import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -35,7 +36,7 @@ from dicom_node.scp import StorageSCP
 from dicom_node.sender import DeliveryLoop
 from dicom_node.spool import Spool, SpooledInstance
 from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector
-from inference.batching import BatcherClosedError, QueueFullError
+from dicom_node.tls import client_context, server_context
 from inference.dicom_header import read_dataset
 from inference.errors import ImageError
 from inference.predictor import Predictor
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 PUT_RETRY_MAX_S = 30.0
 SHUTDOWN_PUT_S = 30.0
-ROOM_WAIT_S = 5.0  # how long an instance's answer may wait for room before 0xA700
-ROOM_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,11 @@ class DicomNode:
         self.config = config
         self.events = events or NodeEvents()
         self.destination = Destination.parse(config.destination)
+        if config.tls.deliver and self.destination.kind != "dimse":
+            raise ValueError("BFD_DICOM_DESTINATION_TLS is for C-STORE destinations; for DICOMweb use an https:// URL")
+        # built now, so a certificate that does not load stops the start-up with its reason
+        self._tls_in = server_context(config.tls) if config.tls.listen else None
+        tls_out = client_context(config.tls) if config.tls.deliver else None
         self.audit = AuditLog(config.audit_log)
         self.builder = ObjectBuilder(config.build_processes)
         self.analyser = StudyAnalyser(predictor, config.outputs, self.builder)
@@ -90,15 +94,10 @@ class DicomNode:
             retry_max_s=config.retry_max_s,
             parallel=config.delivery_associations,
             events=self.events,
+            tls=tls_out,
         )
         self.spool = Spool(config.spool_dir) if config.spool_dir is not None else None
-        self._spooling_bytes = 0  # instances being written to the spool: room taken, not yet in the collector
-        self.gate = ReceiveGate(  # what instances may take while they arrive (dicom_node.receiving)
-            max_instance_bytes=config.max_instance_bytes,
-            budget=config.held_bytes_budget,
-            held=lambda: self.collector.held_bytes + self._spooling_bytes,
-            wait_s=ROOM_WAIT_S,
-        )
+        self.room = Room(predictor, self.collector, self.spool, config)
         self._recovery: asyncio.Task[None] | None = None
         self.scp: StorageSCP | None = None
         self.stopping = False
@@ -111,7 +110,8 @@ class DicomNode:
             if left:
                 self._recovery = asyncio.get_running_loop().create_task(self._recover(left), name="dicom-recovery")
         if self.config.port is not None:
-            self.scp = StorageSCP(self.config, asyncio.get_running_loop(), self._receive_dimse, self.gate)
+            loop = asyncio.get_running_loop()
+            self.scp = StorageSCP(self.config, loop, self._receive_dimse, self.room.gate, self._tls_in)
             await asyncio.to_thread(self.scp.start)
         log.info("DICOM node on: results to %s", self.destination.describe())
 
@@ -168,13 +168,13 @@ class DicomNode:
             )
         if (reason := sop_class_refusal(sop_class)) is not None:
             return self._refused(SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance, reason, door, calling_ae)
-        if (reason := self.gate.too_large(len(data))) is not None:
+        if (reason := self.room.too_large(len(data))) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         if syntax and (reason := transfer_syntax_refusal(syntax)) is not None:
             return self._refused(CANNOT_UNDERSTAND, sop_class, sop_instance, reason, door, calling_ae)
         if self.stopping:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, "shutting down", door, calling_ae)
-        if (reason := await self._wait_for_room(len(data), study_uid)) is not None:
+        if (reason := await self.room.wait(len(data), study_uid, lambda: self.stopping)) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         instance = ReceivedInstance(study_uid, sop_class, sop_instance, data, door, calling_ae, peer)
         if self.spool is not None and (reason := await self._keep(instance)) is not None:
@@ -193,14 +193,12 @@ class DicomNode:
     async def _keep(self, instance: ReceivedInstance) -> str | None:
         """Write the instance to the spool before the sender hears 'stored'; None, or why it could not be."""
         assert self.spool is not None
-        self._spooling_bytes += len(instance.data)
-        try:
-            await asyncio.to_thread(self.spool.keep, instance)
-        except OSError as error:
-            log.error("spool: an instance could not be kept on disk (%s); refused", error.strerror or error)
-            return f"the node cannot keep the instance on disk now ({error.strerror or type(error).__name__})"
-        finally:
-            self._spooling_bytes -= len(instance.data)
+        with self.room.spooling(len(instance.data)):
+            try:
+                await asyncio.to_thread(self.spool.keep, instance)
+            except OSError as error:
+                log.error("spool: an instance could not be kept on disk (%s); refused", error.strerror or error)
+                return f"the node cannot keep the instance on disk now ({error.strerror or type(error).__name__})"
         return None
 
     async def _recover(self, left: list[SpooledInstance]) -> None:
@@ -215,47 +213,13 @@ class DicomNode:
         log.info("DICOM node: %d instance(s) received before a restart are analysed now", len(left))
         self.events.recovered(len(left))
         for entry in left:
-            size = min(entry.size, self.config.held_bytes_budget)  # one larger than the budget still gets in
-            while self._no_room(size, count=False, spooled=False) is not None:
-                self.collector.touch(entry.study_uid)
-                await asyncio.sleep(ROOM_POLL_S)
+            await self.room.wait_without_limit(entry.size, entry.study_uid)
             try:
                 instance = await asyncio.to_thread(entry.load)
             except OSError as error:
                 log.error("spool: %s could not be read back (%s); left in place", entry.path.name, error)
                 continue
             self._take(instance)
-
-    async def _wait_for_room(self, size: int, study_uid: str) -> str | None:
-        """None once the core can take an image in time and the held bytes can take `size`; else, after waiting
-        up to ROOM_WAIT_S, why not. The wait is back-pressure: the sender has already sent the instance's bytes,
-        so holding the answer a little costs less than refusing it and receiving it all again. Meanwhile its
-        study is kept open (the quiet time runs from the end of the wait), so it is not answered in two parts."""
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + ROOM_WAIT_S
-        while self._no_room(size, count=False) is not None:
-            if self.stopping or loop.time() >= give_up_at:
-                return self._no_room(size, count=True)
-            self.collector.touch(study_uid)
-            await asyncio.sleep(ROOM_POLL_S)
-        return None
-
-    def _no_room(self, size: int, *, count: bool, spooled: bool = True) -> str | None:
-        try:
-            if count:
-                self.predictor.check_capacity(1)  # counted in the refusal metrics
-            else:
-                self.predictor.batcher.check(1)
-        except (QueueFullError, BatcherClosedError) as error:
-            return str(error)
-        if not self.collector.can_hold(size + self._spooling_bytes):
-            return f"held instances at the node's budget ({self.config.held_bytes_budget} bytes); retry later"
-        if not spooled:
-            return None  # already on disk (taken back after a restart): only memory and the core to wait for
-        on_disk = self.spool.bytes_kept + self._spooling_bytes + size if self.spool is not None else 0
-        if on_disk > self.config.spool_bytes_budget:
-            return f"the spool at the node's disk budget ({self.config.spool_bytes_budget} bytes); retry later"
-        return None
 
     def _refused(
         self, status: int, sop_class: str, sop_instance: str, reason: str, door: Door, calling_ae: str | None

@@ -8,7 +8,10 @@ negotiated so that the sender gets this status rather than a bare rejection), 0x
 parse. Transfer syntaxes the core cannot decode are not accepted at negotiation, the standard's way to say so.
 Calling AE titles outside `allowed_aes` are rejected at association (reason: calling AE not recognised).
 While a data set arrives, `dicom_node.receiving` bounds what it may keep in memory (refusals before the end
-reach the node as `Withheld`); a refusal's reason goes back in the response's Error Comment.
+reach the node as `Withheld`); a refusal's reason goes back in the response's Error Comment. With a TLS
+context (`dicom_node.tls`) the port speaks TLS only; each handshake runs in its association's thread under a
+time limit (pynetdicom's runs in the accept loop without one: one client that connects and says nothing would
+keep every other sender out).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import ssl
 import threading
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -52,6 +56,7 @@ RECV_CHUNK_BYTES = 1024 * 1024
 # every millisecond. Its non-blocking look waits up to this long instead, and returns as soon as a message comes.
 ACCEPTOR_IDLE_WAIT_S = 0.01
 ERROR_COMMENT_CHARS = 64  # Error Comment (0000,0902) is an LO
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
 # (part 10 bytes or why they were not kept, calling AE, peer host) -> (status, reason when refused)
 Receive = Callable[[bytes | Withheld, str | None, str | None], Coroutine[Any, Any, tuple[int, str | None]]]
 
@@ -60,12 +65,18 @@ class StorageSCP:
     """Listens on `config.host:config.port` until `stop()`."""
 
     def __init__(
-        self, config: NodeConfig, loop: asyncio.AbstractEventLoop, receive: Receive, gate: ReceiveGate
+        self,
+        config: NodeConfig,
+        loop: asyncio.AbstractEventLoop,
+        receive: Receive,
+        gate: ReceiveGate,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.receive = receive
         self.gate = gate
+        self.tls = tls
         self.ae = AE(ae_title=config.ae_title)
         self.ae.require_called_aet = False  # senders often call us by another title; the calling AE is checked
         if config.allowed_aes:
@@ -105,10 +116,17 @@ class StorageSCP:
             ),
         )
         server.receive_gate = self.gate
+        server.tls_context = self.tls
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does: the server's shutdown() takes it out again
         threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
-        log.info("DICOM storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+        log.info(
+            "DICOM storage SCP %s listening on %s:%d%s",
+            self.config.ae_title,
+            self.config.host,
+            self.port,
+            " (TLS)" if self.tls is not None else "",
+        )
 
     def stop(self) -> None:
         """No new associations; the ones in progress are ended."""
@@ -156,9 +174,18 @@ class StorageSCP:
 
 
 class _GatedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, carrying the node's receive gate to each association's handler."""
+    """pynetdicom's threaded server, carrying the node's receive gate to each association's handler; with a TLS
+    context, connections are wrapped here and their handshake is left to the association's thread."""
 
     receive_gate: ReceiveGate
+    tls_context: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.tls_context is not None:
+            client = self.tls_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
 
 class _BulkReadSocket(AssociationSocket):
@@ -196,7 +223,12 @@ class _WaitingMessageQueue(queue.Queue[Any]):
 
 class _BulkReadHandler(RequestHandler):
     """pynetdicom's request handler, with TCP_NODELAY, calmer idle polling (DUL and reactor) and the bulk-reading
-    socket under each association."""
+    socket under each association, after its TLS handshake (if any) succeeded in time."""
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not _handshake(self.request, self.client_address):
+            return  # socketserver closes the connection
+        super().handle()
 
     def _create_association(self) -> Association:
         no_delay(self.request)  # dicom_node.tcp: answers go out at once
@@ -208,3 +240,18 @@ class _BulkReadHandler(RequestHandler):
         if type(socket) is AssociationSocket:
             socket.__class__ = _BulkReadSocket  # same state, a faster recv(); nothing else changes
         return assoc
+
+
+def _handshake(connection: ssl.SSLSocket, peer: Any) -> bool:
+    """The server side of a TLS handshake, within TLS_HANDSHAKE_TIMEOUT_S; False (logged) when it failed."""
+    host = peer[0] if isinstance(peer, tuple) and peer else peer
+    blocking = connection.gettimeout()
+    try:
+        connection.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        connection.do_handshake()
+        connection.settimeout(blocking)
+    except (OSError, ssl.SSLError) as error:  # a plain-TCP sender, an untrusted certificate, a silent client
+        reason = getattr(error, "reason", None) or type(error).__name__
+        log.warning("DICOM TLS: handshake with %s failed (%s); connection closed", host, reason)
+        return False
+    return True

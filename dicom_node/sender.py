@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,7 @@ class DeliveryLoop:
         poll_s: float = POLL_S,
         parallel: int = PARALLEL,
         events: NodeEvents | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -60,6 +62,7 @@ class DeliveryLoop:
         self.parallel = parallel
         self.lease_s = max(60.0, 4 * timeout_s)
         self.events = events or NodeEvents()
+        self.tls = tls  # C-STORE deliveries over TLS (dicom_node.tls)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.idle = asyncio.Event()  # set when a round found nothing due (tests and shutdown wait on it)
@@ -120,7 +123,12 @@ class DeliveryLoop:
         try:
             target = self.destinations.get(destination) or Destination.parse(destination)
             delivered = await asyncio.to_thread(
-                deliver, target, [e.payload for e in entries], calling_ae=self.calling_ae, timeout_s=self.timeout_s
+                deliver,
+                target,
+                [e.payload for e in entries],
+                calling_ae=self.calling_ae,
+                timeout_s=self.timeout_s,
+                tls=self.tls,
             )
         except DeliveryError as error:
             if not error.retriable and one_by_one_on_refusal and len(entries) > 1:

@@ -106,7 +106,7 @@ class Metrics:
             "bfd_dicom_held_bytes": ("memory held for studies not yet answered", lambda: node.collector.held_bytes),
             "bfd_dicom_receiving_bytes": (
                 "memory taken by instances still arriving over DIMSE (counted against the same budget)",
-                lambda: node.gate.receiving_bytes,
+                lambda: node.room.gate.receiving_bytes,
             ),
             "bfd_dicom_held_bytes_budget": ("the held-bytes budget", lambda: node.config.held_bytes_budget),
             "bfd_dicom_waiting_studies": ("studies receiving (not quiet yet)", lambda: node.collector.waiting_studies),

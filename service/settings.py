@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dicom_node.config import RESULT_KINDS, NodeConfig
+from dicom_node.tls import TlsConfig
 from inference.config import PredictorConfig
 from inference.memory_budget import REQUEST_BODY_COPIES
 from inference.providers import PROVIDER_NAMES
@@ -141,6 +142,17 @@ class Settings(BaseSettings):
     )
     dicom_retry_initial_s: float = Field(2.0, gt=0.0, description="first delivery retry after this; doubling")
     dicom_retry_max_s: float = Field(300.0, gt=0.0, description="longest wait between delivery retries")
+    # DICOM TLS (dicom_node/tls.py, README "DICOM node"): PEM files from the site's PKI.
+    dicom_tls: bool = Field(False, description="the storage SCP speaks TLS only")
+    dicom_destination_tls: bool = Field(False, description="C-STORE deliveries go over TLS")
+    dicom_tls_certificate: Path | None = Field(None, description="this node's certificate (PEM, with its chain)")
+    dicom_tls_private_key: Path | None = Field(None, description="its private key (PEM, unencrypted)")
+    dicom_tls_trusted_certificates: Path | None = Field(
+        None, description="CA certificates (PEM) that peers' certificates must chain to"
+    )
+    dicom_tls_require_client_certificate: bool = Field(
+        True, description="senders must present a certificate the trusted CAs issued (mutual TLS)"
+    )
 
     @field_validator("cors_origins", "providers", "dicom_allowed_aes", "dicom_outputs", mode="before")
     @classmethod
@@ -159,9 +171,15 @@ class Settings(BaseSettings):
             raise ValueError(f"dicom_outputs must be some of {list(RESULT_KINDS)}, got {value}")
         return names
 
-    @field_validator("dicom_spool_dir", mode="before")
+    @field_validator(
+        "dicom_spool_dir",
+        "dicom_tls_certificate",
+        "dicom_tls_private_key",
+        "dicom_tls_trusted_certificates",
+        mode="before",
+    )
     @classmethod
-    def _no_empty_spool(cls, value: object) -> object:
+    def _blank_path_is_none(cls, value: object) -> object:
         # Path("") is the working directory: an empty BFD_DICOM_SPOOL_DIR (a template's blank) means 'off'
         return None if isinstance(value, str) and not value.strip() else value
 
@@ -214,6 +232,11 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _tls_is_complete(self) -> Settings:
+        self._tls_config().check()  # what TLS needs is named now; the files load when the node starts
+        return self
+
+    @model_validator(mode="after")
     def _node_has_a_destination(self) -> Settings:
         if self.dicom_port is not None and self.dicom_destination is None:
             raise ValueError(
@@ -244,6 +267,17 @@ class Settings(BaseSettings):
             delivery_associations=self.dicom_delivery_associations,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,
+            tls=self._tls_config(),
+        )
+
+    def _tls_config(self) -> TlsConfig:
+        return TlsConfig(
+            certificate=self.dicom_tls_certificate,
+            private_key=self.dicom_tls_private_key,
+            trusted_certificates=self.dicom_tls_trusted_certificates,
+            require_client_certificate=self.dicom_tls_require_client_certificate,
+            listen=self.dicom_tls,
+            deliver=self.dicom_destination_tls,
         )
 
     def predictor_config(self) -> PredictorConfig:

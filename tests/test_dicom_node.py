@@ -464,6 +464,7 @@ def test_metrics_count_what_the_node_took_refused_answered_and_delivered(node: S
     after = _metrics(node)
     assert after[("bfd_dicom_held_bytes_budget", ())] > 0
     assert after[("bfd_dicom_held_bytes", ())] == 0  # answered: nothing held
+    assert after[("bfd_dicom_receiving_bytes", ())] == 0  # and nothing still arriving
     assert after[("bfd_dicom_analyses_in_progress", ())] == 0
     assert ("bfd_dicom_spool_bytes", ()) in after
 
