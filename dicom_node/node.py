@@ -18,7 +18,7 @@ from typing import Any
 from dicom_node.analysis import StudyAnalyser, StudyOutcome
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
-from dicom_node.delivery import Destination
+from dicom_node.destination import Destination
 from dicom_node.events import NodeEvents
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.outbox import Outbox

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from dicom_node.audit import AuditLog
-from dicom_node.delivery import DeliveryError, Destination, deliver
+from dicom_node.delivery import DeliveryError, deliver
+from dicom_node.destination import Destination
 from dicom_node.events import NodeEvents
 from dicom_node.outbox import Claimed, Outbox
 

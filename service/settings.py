@@ -187,7 +187,7 @@ class Settings(BaseSettings):
     @classmethod
     def _destination_parses(cls, value: str | None) -> str | None:
         if value is not None:
-            from dicom_node.delivery import Destination  # the DIMSE library loads only when a node is set up
+            from dicom_node.destination import Destination  # the DIMSE library loads only when a node is set up
 
             Destination.parse(value)  # ValueError says what is wrong
         return value

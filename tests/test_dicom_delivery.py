@@ -29,7 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from dicom_node.delivery import Delivered, DeliveryError, Destination, deliver
+from dicom_node.delivery import Delivered, DeliveryError, deliver
+from dicom_node.destination import Destination
 from loadtest.dicom_studies import (
     CR_IMAGE_STORAGE,
     CT_IMAGE_STORAGE,

@@ -31,7 +31,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig
-from dicom_node.delivery import DeliveryError, Destination, deliver
+from dicom_node.delivery import DeliveryError, deliver
+from dicom_node.destination import Destination
 from dicom_node.receiving import ReceiveGate, Withheld
 from dicom_node.scope import SUCCESS
 from dicom_node.scp import StorageSCP
