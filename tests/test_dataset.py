@@ -32,6 +32,7 @@ from training.splits import (
     patient_counts,
     read_split_file,
     split_counts,
+    split_unit,
     write_split_file,
 )
 from training.synthetic import make_synthetic
@@ -560,3 +561,12 @@ def test_make_synthetic_cli_refuses_a_full_folder_without_force(
     assert dataset.layout == "mura"
     assert {r.origin for r in dataset.records} == {"train", "valid"}
     assert "meaningless" in capsys.readouterr().out
+
+
+def test_the_split_unit_says_whether_images_stood_in_for_patients() -> None:
+    """FracAtlas has no patient ids: each image is its own 'patient' (image:<id>), and reports must say so."""
+    with_patients = [_record("patient00001"), _record("patient00002")]
+    images_only = [_record("image:IMG0000001"), _record("image:IMG0000002")]
+    assert split_unit(with_patients) == "patient"
+    assert split_unit(images_only) == "image"
+    assert split_unit([*with_patients, *images_only]) == "patient and image"

@@ -52,6 +52,7 @@ def test_train_on_the_fracatlas_subset(tmp_path: Path, capsys: pytest.CaptureFix
         assert (out / f"{name}.keras").is_file()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["layout"] == "fracatlas"
+    assert summary["split_unit"] == "image"  # no patient ids: its 'patients_per_split' are images
     truncated = "images/Non_fractured/IMG0004070.jpg"  # FracAtlas's own: see tests/data/fracatlas/README.md
     skipped = json.loads((out / "skipped.json").read_text())
     assert sorted(skipped) == sorted([broken.relative_path, truncated])

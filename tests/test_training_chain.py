@@ -93,6 +93,7 @@ def test_unreadable_image_is_skipped_and_counted(chain: dict[str, Path]) -> None
     skipped = json.loads((chain["run1"] / "skipped.json").read_text())
     assert list(skipped) == [chain["corrupt"].relative_to(chain["data"]).as_posix()]
     assert summary["features"]["skipped"] == 1
+    assert summary["split_unit"] == "patient"
     assert summary["features"]["computed"] + summary["features"]["reused"] == len(_split_rows(chain["run1"])) - 1
 
 

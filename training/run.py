@@ -1,4 +1,5 @@
 """`bfd train` end to end: read -> split by patient -> cached features -> heads -> operating points -> run folder.
+(Data without patient ids, FracAtlas, is split by image: the log and the summary's `split_unit` say so.)
 
 The run folder is what `bfd export --keras-dir RUN` takes: `router.keras`, `specialist_<part>.keras` (each the
 full uint8-input model of `training.architecture`, all sharing one frozen backbone, so the export fuses them
@@ -42,6 +43,7 @@ from training.splits import (
     format_counts,
     patient_counts,
     split_counts,
+    split_unit,
     write_split_file,
 )
 
@@ -102,7 +104,8 @@ def train(options: TrainOptions) -> TrainResult:
     counts = split_counts(dataset.records, splits)
     patients = patient_counts(dataset.records, splits)
     (out / COUNTS_FILE).write_text(json.dumps(counts, indent=2) + "\n", encoding="utf-8")
-    log.info("split by patient (%s, seed %d):\n%s", options.split, options.seed, format_counts(counts, patients))
+    unit = split_unit(dataset.records)
+    log.info("split by %s (%s, seed %d):\n%s", unit, options.split, options.seed, format_counts(counts, patients))
 
     keras.utils.set_random_seed(options.seed)  # a random backbone (weights=None) must be the same on a rerun
     backbone = build_backbone(options.weights)
@@ -146,6 +149,7 @@ def train(options: TrainOptions) -> TrainResult:
         "body_parts": parts,
         "split": options.split,
         "seed": options.seed,
+        "split_unit": unit,  # 'image' for FracAtlas: its 'patients' below are images
         "patients_per_split": patients,
         "backbone_weights": _weights_label(options.weights),
         "backbone_fingerprint": fingerprint,

@@ -202,6 +202,14 @@ def patient_counts(records: Sequence[ImageRecord], splits: Sequence[str]) -> dic
     return {split: len(names) for split, names in patients.items()}
 
 
+def split_unit(records: Sequence[ImageRecord]) -> str:
+    """What the split kept together: 'patient', 'image' (no patient ids: FracAtlas) or 'patient and image'."""
+    by_image = [record.patient.startswith(IMAGE_GROUP_PREFIX) for record in records]
+    if all(by_image) and by_image:
+        return "image"
+    return "patient and image" if any(by_image) else "patient"
+
+
 def format_counts(
     counts: Mapping[str, Mapping[str, Mapping[str, int]]], patients: Mapping[str, int] | None = None
 ) -> str:
@@ -240,7 +248,7 @@ def write_split_file(path: Path, records: Sequence[ImageRecord], splits: Sequenc
     row was split by patient or by image, so nobody mistakes an image-level split for a patient-level one.
     """
     check_patients_disjoint(records, splits)
-    by_image = any(record.patient.startswith(IMAGE_GROUP_PREFIX) for record in records)
+    by_image = split_unit(records) != "patient"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
