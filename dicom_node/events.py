@@ -21,5 +21,8 @@ class NodeEvents:
     def answered(self, instances: int, objects: int) -> None:
         """A study answered: its instances, and the result objects put in the outbox for it."""
 
+    def tls_refused(self) -> None:
+        """A connection to the TLS port turned away at the handshake (plain TCP, an untrusted certificate, silence)."""
+
     def delivery(self, outcome: str, objects: int) -> None:
         """One delivery attempt of `objects` result objects: 'delivered', 'retry' or 'refused' (given up)."""

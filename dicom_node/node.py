@@ -111,7 +111,9 @@ class DicomNode:
                 self._recovery = asyncio.get_running_loop().create_task(self._recover(left), name="dicom-recovery")
         if self.config.port is not None:
             loop = asyncio.get_running_loop()
-            self.scp = StorageSCP(self.config, loop, self._receive_dimse, self.room.gate, self._tls_in)
+            self.scp = StorageSCP(
+                self.config, loop, self._receive_dimse, self.room.gate, self._tls_in, self.events.tls_refused
+            )
             await asyncio.to_thread(self.scp.start)
         log.info("DICOM node on: results to %s", self.destination.describe())
 

@@ -71,12 +71,14 @@ class StorageSCP:
         receive: Receive,
         gate: ReceiveGate,
         tls: ssl.SSLContext | None = None,
+        on_tls_refused: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
         self.receive = receive
         self.gate = gate
         self.tls = tls
+        self.on_tls_refused = on_tls_refused  # called on the event loop, once per connection turned away
         self.ae = AE(ae_title=config.ae_title)
         self.ae.require_called_aet = False  # senders often call us by another title; the calling AE is checked
         if config.allowed_aes:
@@ -117,6 +119,7 @@ class StorageSCP:
         )
         server.receive_gate = self.gate
         server.tls_context = self.tls
+        server.on_tls_refused = self._tls_refused
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does: the server's shutdown() takes it out again
         threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
@@ -133,6 +136,11 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def _tls_refused(self) -> None:
+        """Runs in the connection's thread."""
+        if self.on_tls_refused is not None:
+            self.loop.call_soon_threadsafe(self.on_tls_refused)
 
     def _on_store(self, event: Any) -> int | Dataset:
         """Runs in the association's thread."""
@@ -179,6 +187,7 @@ class _GatedServer(ThreadedAssociationServer):
 
     receive_gate: ReceiveGate
     tls_context: ssl.SSLContext | None = None
+    on_tls_refused: Callable[[], None] = staticmethod(lambda: None)
 
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
@@ -227,6 +236,7 @@ class _BulkReadHandler(RequestHandler):
 
     def handle(self) -> None:
         if isinstance(self.request, ssl.SSLSocket) and not _handshake(self.request, self.client_address):
+            cast(_GatedServer, self.server).on_tls_refused()
             return  # socketserver closes the connection
         super().handle()
 

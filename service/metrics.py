@@ -95,6 +95,11 @@ class Metrics:
             "bfd_dicom_instances_recovered", "instances taken back from the spool at start-up", registry=registry
         )
         self.dicom_studies = Counter("bfd_dicom_studies_answered", "studies answered", registry=registry)
+        self.dicom_tls_refused = Counter(
+            "bfd_dicom_tls_handshakes_refused",
+            "connections to the TLS port turned away at the handshake (plain TCP, an untrusted certificate, silence)",
+            registry=registry,
+        )
         self.dicom_objects = Counter(
             "bfd_dicom_result_objects",
             "result objects: 'made' (put in the outbox), then per delivery attempt 'delivered', 'retry' or "
@@ -173,6 +178,9 @@ class NodeMetricsEvents(NodeEvents):
 
     def delivery(self, outcome: str, objects: int) -> None:
         self.metrics.dicom_objects.labels(outcome).inc(objects)
+
+    def tls_refused(self) -> None:
+        self.metrics.dicom_tls_refused.inc()
 
 
 def _or_nan(value: float | None) -> float:

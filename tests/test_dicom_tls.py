@@ -96,6 +96,10 @@ def _sender_context(trusted: Path, certificate: Path | None = None, key: Path | 
 class Recorder:
     def __init__(self) -> None:
         self.received: list[bytes] = []
+        self.tls_refused = 0
+
+    def count_tls_refused(self) -> None:
+        self.tls_refused += 1
 
     async def __call__(self, data: bytes | Withheld, calling_ae: str | None, peer: str | None) -> tuple[int, None]:
         assert isinstance(data, bytes)
@@ -109,7 +113,8 @@ async def tls_scp(pki: Pki) -> Iterator[tuple[StorageSCP, Recorder]]:
     recorder = Recorder()
     gate = ReceiveGate(max_instance_bytes=100_000_000, budget=500_000_000, held=lambda: 0, wait_s=1.0)
     config = NodeConfig(destination="PACS@127.0.0.1:104", port=0)
-    scp = StorageSCP(config, asyncio.get_running_loop(), recorder, gate, server_context(_node_tls(pki, listen=True)))
+    context = server_context(_node_tls(pki, listen=True))
+    scp = StorageSCP(config, asyncio.get_running_loop(), recorder, gate, context, recorder.count_tls_refused)
     scp.start()
     try:
         yield scp, recorder
@@ -157,7 +162,7 @@ async def test_a_sender_with_a_trusted_certificate_stores_over_tls(
 async def test_senders_without_a_trusted_certificate_are_turned_away_and_the_port_keeps_serving(
     pki: Pki, other_pki: Pki, tls_scp: tuple[StorageSCP, Recorder]
 ) -> None:
-    scp, _ = tls_scp
+    scp, recorder = tls_scp
     trusted = _sender_context(pki.ca, pki.peer_certificate, pki.peer_key)
     untrusted = _sender_context(pki.ca, other_pki.peer_certificate, other_pki.peer_key)
     anonymous = _sender_context(pki.ca)
@@ -165,6 +170,8 @@ async def test_senders_without_a_trusted_certificate_are_turned_away_and_the_por
     assert not await asyncio.to_thread(_echo, scp.port, untrusted)  # another CA's certificate
     assert not await asyncio.to_thread(_echo, scp.port, anonymous)  # no certificate: mutual TLS by default
     assert await asyncio.to_thread(_echo, scp.port, trusted)
+    await asyncio.sleep(0.1)  # the SCP's threads report on the event loop
+    assert recorder.tls_refused == 3  # what bfd_dicom_tls_handshakes_refused_total counts
 
 
 async def test_client_certificates_can_be_made_optional(pki: Pki) -> None:
