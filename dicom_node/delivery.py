@@ -262,10 +262,7 @@ def _deliver_dicomweb(destination: Destination, datasets: Sequence[Dataset], tim
     from dicomweb_client.api import DICOMwebClient
 
     where = destination.describe()
-    parts = urlsplit(destination.url or "")
-    session = requests.Session()
-    if parts.username is not None:  # credentials go in the session, never in a URL that reaches a log
-        session.auth = (unquote(parts.username), unquote(parts.password or ""))
+    session = dicomweb_session(destination)
     statuses: list[int] = []
 
     def remember(response: Any, *args: Any, **kwargs: Any) -> Any:
@@ -298,6 +295,18 @@ def _deliver_dicomweb(destination: Destination, datasets: Sequence[Dataset], tim
     if failed:
         raise _refusal(failed, delivered, len(datasets), f"{where} (HTTP {status})")
     return delivered
+
+
+def dicomweb_session(destination: Destination) -> Any:
+    """A requests session for a DICOMweb destination: the URL's credentials go in the session, never in a URL
+    that reaches a log."""
+    import requests
+
+    parts = urlsplit(destination.url or "")
+    session = requests.Session()
+    if parts.username is not None:
+        session.auth = (unquote(parts.username), unquote(parts.password or ""))
+    return session
 
 
 def _json_dataset(response: Any) -> Dataset | None:

@@ -233,7 +233,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_is_complete(self) -> Settings:
-        self._tls_config().check()  # what TLS needs is named now; the files load when the node starts
+        self.tls_config().check()  # what TLS needs is named now; the files load when the node starts
         return self
 
     @model_validator(mode="after")
@@ -267,10 +267,11 @@ class Settings(BaseSettings):
             delivery_associations=self.dicom_delivery_associations,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,
-            tls=self._tls_config(),
+            tls=self.tls_config(),
         )
 
-    def _tls_config(self) -> TlsConfig:
+    def tls_config(self) -> TlsConfig:
+        """The DICOM node's TLS material and where it is used (BFD_DICOM_TLS*)."""
         return TlsConfig(
             certificate=self.dicom_tls_certificate,
             private_key=self.dicom_tls_private_key,

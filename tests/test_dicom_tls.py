@@ -7,7 +7,7 @@ hold up the next sender (pynetdicom's own handshake runs in its accept loop, wit
 deliveries go over TLS and refuse a destination whose certificate the trusted CAs did not issue;
 misconfigurations stop the start-up naming the setting. And end to end with a real Orthanc speaking TLS
 (its `DicomTlsEnabled`): Orthanc C-STOREs a study to `bfd serve` over TLS and gets the SR, GSPS and SC back
-over TLS.
+over TLS, and `bfd dicom-echo` reaches it over TLS with the node's settings (and not without TLS).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pydicom
 import pytest
 import trustme
 from factories import build_tiny_bundle
+from test_dicom_echo import dicom_echo
 from orthanc_fixtures import started_orthanc
 from pydantic import ValidationError
 from pynetdicom import AE
@@ -308,5 +309,10 @@ def test_orthanc_and_the_node_exchange_a_study_and_its_results_over_tls(pki: Pki
             classes = sorted(str(ds.SOPClassUID) for ds in orthanc.study_instances(study_uid))
             assert len(classes) == 7, server.log_text()[-3000:]
             assert "(TLS)" in server.log_text()
+        over_tls = dicom_echo(**env)  # `bfd dicom-echo` with the node's settings: TLS as it delivers
+        assert over_tls.returncode == 0, over_tls.stdout + over_tls.stderr
+        assert "over TLS" in over_tls.stdout
+        plain = dicom_echo("--no-tls", **env)  # Orthanc's port speaks TLS only
+        assert plain.returncode == 1
     finally:
         orthanc.__exit__(None, None, None)
