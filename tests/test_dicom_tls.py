@@ -25,11 +25,11 @@ import pydicom
 import pytest
 import trustme
 from factories import build_tiny_bundle
-from test_dicom_echo import dicom_echo
 from orthanc_fixtures import started_orthanc
 from pydantic import ValidationError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from test_dicom_echo import dicom_echo
 
 from dicom_node.config import NodeConfig
 from dicom_node.delivery import DeliveryError, deliver
