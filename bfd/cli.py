@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on the test split with clinical metrics"),
     "make-synthetic": ("training.synthetic_cli", "write a small synthetic dataset in MURA's layout (tests, demos)"),
     "desktop": ("desktop.cli", "open the desktop window over a bundle in-process or a running server"),
-    "dicom-echo": ("dicom_node.echo_cli", "check that the DICOM node reaches its destination PACS (C-ECHO)"),
+    "dicom-echo": ("service.dicom_echo_cli", "check that the DICOM node reaches its destination PACS (C-ECHO)"),
 }
 
 

@@ -20,6 +20,9 @@ from inference.batching import BatcherClosedError, QueueFullError
 from inference.predictor import Predictor
 
 WAIT_S = 5.0  # how long an instance's answer may wait for room before 0xA700
+# How long a fragment still arriving may wait for memory. Both waits together stay under 10 s, the time Orthanc
+# (DicomScuTimeout) and other senders give an answer by default before they drop the association.
+ARRIVING_WAIT_S = 2.0
 POLL_S = 0.05
 
 
@@ -37,7 +40,7 @@ class Room:
             max_instance_bytes=config.max_instance_bytes,
             budget=config.held_bytes_budget,
             held=lambda: collector.held_bytes + self._spooling_bytes,
-            wait_s=WAIT_S,
+            wait_s=ARRIVING_WAIT_S,
         )
 
     def too_large(self, size: int) -> str | None:

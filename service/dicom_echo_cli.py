@@ -1,5 +1,6 @@
-"""`bfd dicom-echo`: check that the node reaches its destination (or another AE), with its own AE title and
-TLS settings (the `BFD_DICOM_*` environment, as `bfd serve` reads it). Exit status 0 when it answered."""
+"""`bfd dicom-echo`: check that the DICOM node reaches its destination (or another AE), with its own AE title and
+TLS settings (the `BFD_DICOM_*` environment, as `bfd serve` reads it). Exit status 0 when it answered. A door
+onto `dicom_node.echo`, here because it reads the service's settings."""
 
 from __future__ import annotations
 
