@@ -253,7 +253,9 @@ class _BulkReadHandler(RequestHandler):
 
 
 def _handshake(connection: ssl.SSLSocket, peer: Any) -> bool:
-    """The server side of a TLS handshake, within TLS_HANDSHAKE_TIMEOUT_S; False (logged) when it failed."""
+    """The server side of a TLS handshake, within TLS_HANDSHAKE_TIMEOUT_S in all (CPython's do_handshake holds a
+    socket's time-out as one deadline for the whole handshake, so trickling bytes does not extend it); False
+    (logged) when it failed."""
     host = peer[0] if isinstance(peer, tuple) and peer else peer
     blocking = connection.gettimeout()
     try:

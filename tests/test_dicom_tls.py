@@ -202,6 +202,37 @@ async def test_a_client_that_connects_and_says_nothing_does_not_hold_up_the_next
         silent.close()
 
 
+async def test_a_client_trickling_its_handshake_is_cut_off_at_the_time_limit(
+    tls_scp: tuple[StorageSCP, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every 0.2 s would keep a per-read time-out from ever expiring: the limit is on the whole handshake."""
+    import dicom_node.scp
+
+    monkeypatch.setattr(dicom_node.scp, "TLS_HANDSHAKE_TIMEOUT_S", 1.0)
+    scp, recorder = tls_scp
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64)  # the start of a ClientHello
+
+    def trickle() -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", scp.port)) as client:
+            client.settimeout(0.2)
+            for byte in hello:
+                try:
+                    client.sendall(bytes([byte]))
+                    if client.recv(1) == b"":  # the server shut the connection
+                        break
+                except TimeoutError:
+                    continue  # nothing to read yet: the server is still waiting for the rest
+                except OSError:
+                    break
+        return time.monotonic() - started
+
+    took = await asyncio.to_thread(trickle)
+    assert took < 5.0  # cut off after about 1 s; trickling the whole prefix would take about 15 s
+    await asyncio.sleep(0.1)
+    assert recorder.tls_refused == 1
+
+
 def _tls_store_scp(pki: Pki) -> tuple[AE, object, list[str]]:
     """A plain pynetdicom storage SCP with TLS (its certificate from `pki`), recording the SOP Instance UIDs."""
     from pynetdicom import AllStoragePresentationContexts, evt
