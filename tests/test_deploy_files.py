@@ -712,8 +712,6 @@ def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tm
     """The component adds the SCP's port, a Service for it, the node's settings from a ConfigMap and a spool
     volume; rendered with the base, valid, and the settings as the pod gets them make a node that listens where
     the Service points and spools into a volume its budget fits in."""
-    from service.settings import Settings
-
     rendered = _kustomize(_with_components(tmp_path, "dicom-node"))
     _validate(rendered, K8S_VERSIONS[-1])
     deployment = _one("Deployment", rendered)
@@ -725,18 +723,7 @@ def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tm
     assert services["bfd-dicom"]["spec"]["sessionAffinity"] == "ClientIP"
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert services["bfd-dicom"]["spec"]["selector"].items() <= pod_labels.items()
-    config = _one("ConfigMap", rendered)["data"]
-    env: dict[str, str] = {}
-    for entry in container["env"]:
-        if "value" in entry:
-            env[entry["name"]] = entry["value"]
-        elif "configMapKeyRef" in entry.get("valueFrom", {}):
-            ref = entry["valueFrom"]["configMapKeyRef"]
-            assert ref["name"] == _one("ConfigMap", rendered)["metadata"]["name"]
-            env[entry["name"]] = config[ref["key"]]
-    dicom_env = {name: value for name, value in env.items() if name.startswith("BFD_DICOM_")}
-    node = Settings(_env_file=None, **{name.removeprefix("BFD_").lower(): v for name, v in dicom_env.items()})
-    config_of_node = node.node_config()
+    config_of_node = _node_settings(rendered).node_config()
     assert config_of_node is not None
     assert config_of_node.port == ports["dicom"]
     assert str(config_of_node.audit_log).startswith("/data/")  # the pod's writable volume
@@ -747,3 +734,46 @@ def test_dicom_node_component_exposes_the_scp_with_settings_the_service_takes(tm
     limit = spool_volume["emptyDir"]["sizeLimit"]
     assert limit.endswith("Gi")
     assert config_of_node.spool_bytes_budget < int(limit.removesuffix("Gi")) * 2**30  # ...that its budget fits in
+
+
+def _node_settings(rendered: list[dict[str, Any]]) -> Any:
+    """The service's Settings from the BFD_DICOM_* environment the rendered pod gets (values and ConfigMap keys)."""
+    from service.settings import Settings
+
+    container = _one("Deployment", rendered)["spec"]["template"]["spec"]["containers"][0]
+    config = _one("ConfigMap", rendered)["data"]
+    env: dict[str, str] = {}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif "configMapKeyRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == _one("ConfigMap", rendered)["metadata"]["name"]
+            env[entry["name"]] = config[ref["key"]]
+    dicom_env = {name: value for name, value in env.items() if name.startswith("BFD_DICOM_")}
+    return Settings(_env_file=None, **{name.removeprefix("BFD_").lower(): v for name, v in dicom_env.items()})
+
+
+def test_dicom_tls_component_turns_tls_on_both_ways_with_files_from_a_read_only_secret(tmp_path: Path) -> None:
+    """With dicom-node, the dicom-tls component mounts the bfd-dicom-tls Secret read-only (the key readable by
+    the pod's group, not by others) and points the node's TLS settings at its files: settings the service takes,
+    with TLS on for the SCP and the deliveries and client certificates required."""
+    rendered = _kustomize(_with_components(tmp_path, "dicom-node", "dicom-tls"))
+    _validate(rendered, K8S_VERSIONS[-1])
+    assert "Secret" not in {obj["kind"] for obj in rendered}  # created out of band, from the site's PKI
+    pod = _one("Deployment", rendered)["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "dicom-tls"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "dicom-tls"]
+    assert volume["secret"]["secretName"] == "bfd-dicom-tls"
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]  # so the group may read it
+    tls = _node_settings(rendered).tls_config()
+    assert tls.listen
+    assert tls.deliver
+    assert tls.require_client_certificate
+    files = {item["path"] for item in volume["secret"]["items"]}
+    for path in (tls.certificate, tls.private_key, tls.trusted_certificates):
+        assert path is not None
+        assert path.parent == Path(mount["mountPath"])
+        assert path.name in files
