@@ -58,7 +58,8 @@ lint: setup
 # the four modules that export real ResNet50 models run in a pytest process each, after the rest: the peak of
 # any one process stays under 6 GB (README "Measured performance"), where one process for all reached 6.4 GB.
 HEAVY_TESTS := tests/test_export.py tests/test_export_int8.py tests/test_export_legacy.py tests/test_training_chain.py
-test: lint
+# The demo bundle first (built if missing, as for `make serve`): the tests that run on it then run, not skip.
+test: lint bundle
 	$(BIN)/pytest $(PYTEST_ARGS) $(addprefix --ignore=,$(HEAVY_TESTS))
 	@for module in $(HEAVY_TESTS); do $(BIN)/pytest $(PYTEST_ARGS) $$module || exit 1; done
 
