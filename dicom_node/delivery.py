@@ -169,38 +169,13 @@ def _deliver_dimse(
     timeout_s: float,
     tls: ssl.SSLContext | None,
 ) -> list[Delivered]:
-    from pynetdicom import AE, evt  # imported here: only DIMSE destinations need it
-
     where = destination.describe()
     contexts = _contexts(datasets)
     if len(contexts) > _MAX_CONTEXTS:
         raise DeliveryError(f"{len(contexts)} presentation contexts needed, at most {_MAX_CONTEXTS} fit one "
                             "association: send fewer SOP classes a batch", retriable=False)  # fmt: skip
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
-    assert destination.host is not None
-    assert destination.port is not None
-    assert destination.ae_title is not None
-    seen: set[str] = set()  # pynetdicom reports a refused connection as an abort: these events tell them apart
-
-    def connected(event: Any) -> None:
-        seen.add("connected")
-        no_delay_on_open(event)  # dicom_node.tcp: each object's last segment goes out at once
-
-    handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, connected),
-        (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
-    ]
     try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            evt_handlers=handlers,
-            tls_args=(tls, destination.host) if tls is not None else None,
-        )
+        assoc, seen = open_association(destination, calling_ae, contexts, timeout_s, tls)
     except (OSError, RuntimeError) as error:
         raise DeliveryError(f"cannot reach {where} ({type(error).__name__})", retriable=True) from error
     if not assoc.is_established:
@@ -235,6 +210,48 @@ def _deliver_dimse(
     if failures:
         raise _refusal(failures, delivered, len(datasets), where)
     return delivered
+
+
+def open_association(
+    destination: Destination,
+    calling_ae: str,
+    contexts: Sequence[tuple[str, Sequence[str] | None]],
+    timeout_s: float,
+    tls: ssl.SSLContext | None,
+) -> tuple[Any, set[str]]:
+    """An association to a DIMSE destination with these presentation contexts (None: pynetdicom's default
+    transfer syntaxes), Nagle off, over TLS with `tls`; established or not, with what was `seen` of it:
+    'connected' and 'accepted' (pynetdicom reports a refused connection as an abort: these tell them apart).
+    Raises what pynetdicom raises when it cannot even try (OSError, RuntimeError)."""
+    from pynetdicom import AE, evt  # imported here: only DIMSE destinations need it
+
+    assert destination.host is not None
+    assert destination.port is not None
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, syntaxes in contexts:
+        if syntaxes is None:
+            ae.add_requested_context(sop_class)
+        else:
+            ae.add_requested_context(sop_class, list(syntaxes))
+    seen: set[str] = set()
+
+    def connected(event: Any) -> None:
+        seen.add("connected")
+        no_delay_on_open(event)  # dicom_node.tcp: each message's last segment goes out at once
+
+    handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, connected),
+        (evt.EVT_ACCEPTED, lambda _: seen.add("accepted")),
+    ]
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title or "ANY-SCP",
+        evt_handlers=handlers,
+        tls_args=(tls, destination.host) if tls is not None else None,
+    )
+    return assoc, seen
 
 
 def _not_associated(where: str, rejected: bool, seen: set[str], datasets: Sequence[Dataset]) -> DeliveryError:

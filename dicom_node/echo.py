@@ -8,11 +8,9 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from dicom_node.delivery import dicomweb_session
+from dicom_node.delivery import dicomweb_session, open_association
 from dicom_node.destination import Destination, validate_ae_title
-from dicom_node.tcp import no_delay_on_open
 
 SUCCESS = 0x0000
 
@@ -39,29 +37,10 @@ def echo(
 def _echo_dimse(
     destination: Destination, calling_ae: str, timeout_s: float, tls: ssl.SSLContext | None
 ) -> tuple[bool, str]:
-    from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    assert destination.host is not None
-    assert destination.port is not None
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(Verification)
-    seen: set[str] = set()
-
-    def connected(event: Any) -> None:
-        seen.add("connected")
-        no_delay_on_open(event)
-
-    handlers: list[Any] = [(evt.EVT_CONN_OPEN, connected)]
     try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title or "ANY-SCP",
-            evt_handlers=handlers,
-            tls_args=(tls, destination.host) if tls is not None else None,
-        )
+        assoc, seen = open_association(destination, calling_ae, [(Verification, None)], timeout_s, tls)
     except (OSError, RuntimeError) as error:
         return False, f"cannot connect ({_why(error)})"
     if not assoc.is_established:

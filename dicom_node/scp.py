@@ -186,8 +186,8 @@ class _GatedServer(ThreadedAssociationServer):
     context, connections are wrapped here and their handshake is left to the association's thread."""
 
     receive_gate: ReceiveGate
-    tls_context: ssl.SSLContext | None = None
-    on_tls_refused: Callable[[], None] = staticmethod(lambda: None)
+    tls_context: ssl.SSLContext | None
+    on_tls_refused: Callable[[], None]
 
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
