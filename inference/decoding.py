@@ -2,7 +2,12 @@
 
 Every image is planned from its header first (`plan_decode`: pixels, samples, bytes, the working memory its
 decode will need; refused over the per-image limit), then waits for that memory under the global decode
-budget, then decodes in one of a fixed number of slots. Work enters the thread pool only through those
+budget, then decodes in one of a fixed number of slots. Planning a DICOM file parses it, which allocates
+about the file's size (and, deflated, its inflated size): that parse runs under a hold of the budget too,
+sized before it starts from the file's length (`inference.dicom_file` caps what a parse can take beyond it),
+and the hold then grows to the decode's working memory without waiting; when it cannot, the parsed data set
+is let go and the image waits in line for its whole working memory, to be parsed again. No image ever holds
+memory while it waits for more, so images cannot hold each other up. Work enters the thread pool only through those
 slots, so nothing ever queues inside the executor's own (unbounded, uncancellable once running) queue: a
 request that is cancelled while it waits leaves before it costs anything, and a slot with its memory is
 held until its thread has really finished, even when its caller was cancelled meanwhile. Compressed DICOM
@@ -14,14 +19,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from functools import partial
 from typing import TypeVar
 
 from inference.bundle import InputContract
 from inference.codec_pool import CodecPool
 from inference.config import PredictorConfig
+from inference.decode_plan import with_slack
+from inference.dicom_file import InflationNotBudgetedError, looks_like_dicom, parse_overhead_bytes
 from inference.events import PredictorEvents
-from inference.memory_budget import ByteBudget
+from inference.memory_budget import BudgetExceededError, ByteBudget
 from inference.preprocessing import DecodePlan, PreparedImage, plan_decode, prepare_image
+
+# A deflated data set is held twice while parsed: pydicom's inflated buffer and the values read from it.
+INFLATED_COPIES = 2
 
 T = TypeVar("T")
 
@@ -70,23 +82,60 @@ class Decoder:
                 frame_decoder=None if pool is None else pool.frame_decoder(data, dicom),
             )
 
+        held = 0
         try:
-            plan = await self.in_pool(
-                lambda: plan_decode(
-                    data,
-                    dicom=dicom,
-                    size=contract.height,
-                    max_pixels=config.max_pixels,
-                    max_decode_bytes=config.max_image_decode_bytes,
-                    display_max_side=display_side,
-                )
-            )
-            async with self.memory.hold(self._working_bytes(plan)):
-                return await self.in_pool(lambda: run(plan))
+            plan, held = await self._plan(data, dicom, display_side)
+            return await self.in_pool(lambda: run(plan))
         except asyncio.CancelledError:
             if not started:
                 self.events.decode_skipped()
             raise
+        finally:
+            self.memory.give(held)
+
+    async def _plan(self, data: bytes, dicom: bool, display_side: int | None) -> tuple[DecodePlan, int]:
+        """The plan, and the bytes now held for its decode (the caller gives them back).
+
+        The parse is made under a hold of what it can allocate; a deflated DICOM is counted (inflated keeping
+        nothing) and parsed under a hold that covers its inflation too. The hold then becomes the decode's
+        working memory: grown without waiting, or, when that cannot be, given back whole (the parsed data set
+        with it) before waiting in line."""
+        config = self.config
+        plan_with = partial(
+            plan_decode,
+            data,
+            dicom=dicom,
+            size=self.contract.height,
+            max_pixels=config.max_pixels,
+            max_decode_bytes=config.max_image_decode_bytes,
+            display_max_side=display_side,
+        )
+        wanted = parse_hold_bytes(data, dicom)
+        inflation = 0  # none at first: most files are not deflated; a deflated one says how much it needs
+        plan: DecodePlan | None = None
+        while plan is None:
+            held = min(wanted, self.memory.total)
+            await self.memory.take(held)
+            try:
+                plan = await self.in_pool(partial(plan_with, inflation_budget_bytes=inflation))
+            except InflationNotBudgetedError as needed:
+                self.memory.give(held)
+                inflation = needed.inflated_bytes
+                wanted += INFLATED_COPIES * inflation
+            except BaseException:  # a refused image, or the request cancelled: nothing stays held
+                self.memory.give(held)
+                raise
+        working = self._working_bytes(plan)
+        if working <= held:
+            self.memory.give(held - working)  # the parse was held for more than the decode needs
+            return plan, working
+        try:
+            self.memory.try_take(working - held)
+        except BudgetExceededError:  # never wait while holding: let the parse go and wait in line for it all
+            self.memory.give(held)
+            plan = replace(plan, dicom=None)  # prepare_image parses it again, under the whole hold
+            await self.memory.take(working)
+        return plan, working
 
     def _working_bytes(self, plan: DecodePlan) -> int:
         """The plan's working memory, plus the frame's trip back from a codec worker (pickled, then unpickled)."""
@@ -110,6 +159,14 @@ class Decoder:
                     if not result.cancelled():
                         result.exception()  # retrieved: nobody wants it any more
                 raise
+
+
+def parse_hold_bytes(data: bytes, dicom: bool) -> int:
+    """What planning `data` can allocate before its plan says more: a DICOM parse copies every value of the file
+    and builds pydicom's objects (capped by `inference.dicom_file`); Pillow reads PNG and JPEG headers lazily."""
+    if not (dicom or looks_like_dicom(data)):
+        return 0
+    return with_slack(len(data) + parse_overhead_bytes(len(data)))
 
 
 async def all_or_nothing(work: Sequence[Awaitable[T]]) -> list[T]:

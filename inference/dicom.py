@@ -43,6 +43,7 @@ from inference.dicom_header import (
     check_pixel_data,
     decode_cost,
     first_frame_bytes,
+    inflation_cap,
     parse_dicom,
     tag_floats,
     tag_text,
@@ -94,7 +95,7 @@ def read_dicom(data: bytes, *, max_pixels: int, max_decode_bytes: int | None = N
     The service goes through `inference.preprocessing.plan_decode` instead; this is for callers that only want
     the rendering (the desktop preview), with the same pixel limit and, when given, the same decode budget.
     """
-    header = parse_dicom(data, max_inflated_bytes=max_decode_bytes)
+    header = parse_dicom(data, max_inflated_bytes=inflation_cap(max_decode_bytes))
     if header.rows * header.columns > max_pixels:
         raise ImageTooLargeError(
             f"image is {header.columns}x{header.rows} = {header.rows * header.columns} pixels, "

@@ -17,21 +17,21 @@ Patient identifiers stay inside the parsed dataset; nothing here logs or returns
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from inference.decode_plan import display_bytes, lut_bytes, with_slack
-from inference.errors import ImageTooLargeError, UndecodableImageError
+from inference.dicom_file import BYTES_PER_ELEMENT, DEFAULT_MAX_INFLATED_BYTES, read_part10
+from inference.dicom_file import DicomError as DicomError  # re-exported: the decoders' errors live here too
+from inference.dicom_file import brief as brief
+from inference.dicom_file import inflation_cap as inflation_cap
+from inference.dicom_file import looks_like_dicom as looks_like_dicom
 
 log = logging.getLogger(__name__)
 
-DICOM_MAGIC_OFFSET = 128
-DICOM_MAGIC = b"DICM"
 # Real images nest a handful of levels (functional groups, request attributes); pydicom recurses per level.
 MAX_SEQUENCE_DEPTH = 32
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -41,16 +41,7 @@ COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YB
 JPEG_SYNTAXES = frozenset({f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)})
 J2K_SYNTAXES = frozenset({f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203)})
 RLE_SYNTAX = "1.2.840.10008.1.2.5"
-DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
-
-
-class DicomError(UndecodableImageError):
-    """The DICOM file cannot become an image: malformed, inconsistent, truncated or without pixel data.
-
-    Files too large to decode raise ImageTooLargeError, transfer syntaxes no installed decoder reads
-    UnsupportedImageFormatError: the same errors as for PNG and JPEG.
-    """
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +62,7 @@ class DicomHeader:
     encapsulated: bool
     pixel_data_bytes: int  # length of the pixel data element's value (all frames)
     inflated_bytes: int = 0  # Deflated transfer syntax: the inflated size of the data set
+    dataset_bytes: int = 0  # what the parsed dataset holds: its values (with the inflated buffer) and objects
 
     @property
     def bytes_per_sample(self) -> int:
@@ -78,46 +70,40 @@ class DicomHeader:
         return max(1, self.bits_allocated // 8)
 
 
-def looks_like_dicom(data: bytes) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble then 'DICM'."""
-    return len(data) >= DICOM_MAGIC_OFFSET + 4 and data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
-
-
 # --- 1. header -----------------------------------------------------------------------------------------------------
 
 
 def read_dataset(
-    data: bytes, *, force: bool = False, max_inflated_bytes: int | None = None, stop_before_pixels: bool = False
+    data: bytes,
+    *,
+    force: bool = False,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    stop_before_pixels: bool = False,
 ) -> Any:
-    """pydicom's dcmread behind the same guards as `parse_dicom`, for a door that needs only attributes (the DICOM
-    node's UIDs): a deflated data set's inflated size is counted first and refused over `max_inflated_bytes`
-    (ImageTooLargeError), and every reading failure is a DicomError with a reason."""
-    _checked_inflation(data, max_inflated_bytes)
-    return _dcmread(data, force=force, stop_before_pixels=stop_before_pixels)
+    """pydicom's dataset of `data` within `inference.dicom_file`'s caps, for a door that needs only attributes (the
+    DICOM node's UIDs): a deflated data set is inflated under `max_inflated_bytes` (ImageTooLargeError past it),
+    and every reading failure is a DicomError with a reason."""
+    return read_part10(
+        data, force=force, max_inflated_bytes=max_inflated_bytes, stop_before_pixels=stop_before_pixels
+    ).dataset
 
 
-def _checked_inflation(data: bytes, limit: int | None) -> int:
-    return _inflated_size(data, limit) if DEFLATED_SYNTAX.encode() in data[:4096] else 0
+def parse_dicom(
+    data: bytes,
+    *,
+    force: bool = False,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+    inflation_budget_bytes: int | None = None,
+) -> DicomHeader:
+    """Read the dataset (pixel data not decoded) and validate what the decode depends on; DicomError if not.
 
+    `max_inflated_bytes` caps a deflated data set's inflation; past `inflation_budget_bytes`, when given,
+    InflationNotBudgetedError says how much it needs (`inference.dicom_file`)."""
 
-def _dcmread(data: bytes, *, force: bool, stop_before_pixels: bool = False) -> Any:
-    import pydicom
-
-    try:
-        return pydicom.dcmread(
-            io.BytesIO(data), force=force or not looks_like_dicom(data), stop_before_pixels=stop_before_pixels
-        )
-    except RecursionError as error:
-        raise DicomError("not a readable DICOM file: its sequences are nested too deeply to read") from error
-    except Exception as error:  # pydicom reports broken files with many exception types
-        raise DicomError(f"not a readable DICOM file: {type(error).__name__}: {brief(error)}") from error
-
-
-def parse_dicom(data: bytes, *, force: bool = False, max_inflated_bytes: int | None = None) -> DicomHeader:
-    """Read the dataset (pixel data not decoded) and validate what the decode depends on; DicomError if not."""
-
-    inflated = _checked_inflation(data, max_inflated_bytes)
-    dataset = _dcmread(data, force=force)
+    part10 = read_part10(
+        data, force=force, max_inflated_bytes=max_inflated_bytes, inflation_budget_bytes=inflation_budget_bytes
+    )
+    dataset = part10.dataset
     _check_nesting(dataset)
     keyword = next((k for k in PIXEL_KEYWORDS if k in dataset), None)
     if keyword is None:
@@ -168,7 +154,9 @@ def parse_dicom(data: bytes, *, force: bool = False, max_inflated_bytes: int | N
         pixel_keyword=keyword,
         encapsulated=syntax != "implicit" and _is_encapsulated(syntax, value),
         pixel_data_bytes=len(value),
-        inflated_bytes=inflated,
+        inflated_bytes=part10.inflated_bytes,
+        # every value is a copy of its bytes (of the inflated buffer, which the dataset keeps, when deflated)
+        dataset_bytes=(2 * part10.inflated_bytes or len(data)) + part10.elements * BYTES_PER_ELEMENT,
     )
 
 
@@ -180,11 +168,6 @@ def _is_encapsulated(syntax: str, value: bytes) -> bool:
         return bool(UID(syntax).is_encapsulated)
     except ValueError:  # not a transfer syntax pydicom knows
         return bytes(value[:4]) == b"\xfe\xff\x00\xe0"
-
-
-def brief(error: BaseException, limit: int = 160) -> str:
-    text = str(error)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def tag_text(dataset: Any, keyword: str) -> str | None:
@@ -289,28 +272,6 @@ def _check_nesting(dataset: Any) -> None:
         raise DicomError("the DICOM sequences are nested too deeply to read") from error
     except Exception as error:
         raise DicomError(f"a DICOM sequence cannot be read: {type(error).__name__}: {brief(error)}") from error
-
-
-def _inflated_size(data: bytes, limit: int | None) -> int:
-    """The inflated size of a Deflated Explicit VR Little Endian data set, counted without keeping it.
-
-    pydicom inflates the whole data set at once while reading: a few megabytes of zeros can inflate to
-    gigabytes, so the size is counted first (in bounded chunks) and refused over `limit` (ImageTooLargeError).
-    """
-    if not looks_like_dicom(data) or data[132:136] != b"\x02\x00\x00\x00":
-        return 0
-    (group_length,) = struct.unpack_from("<I", data, 140)
-    stream = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, pending, cap = 0, data[144 + group_length :], limit if limit is not None else 2**31
-    try:
-        while pending and total <= cap:
-            total += len(stream.decompress(pending, 1 << 20))
-            pending = stream.unconsumed_tail
-    except zlib.error as error:
-        raise DicomError(f"the deflated DICOM data set cannot be inflated: {error}") from error
-    if total > cap:
-        raise ImageTooLargeError(f"the deflated DICOM data set inflates to more than {cap} bytes")
-    return total
 
 
 # --- 2. pixel data against the header ------------------------------------------------------------------------------
@@ -442,7 +403,7 @@ def decode_cost(header: DicomHeader, display_max_side: int | None = None) -> int
     """Estimated peak bytes of render_dicom for this header: every full-size buffer its path creates, summed."""
     pixels = header.rows * header.columns
     frame = pixels * header.samples * header.bytes_per_sample
-    total = header.pixel_data_bytes + 2 * header.inflated_bytes  # held by the dataset (inflated: + pydicom's copy)
+    total = header.dataset_bytes or header.pixel_data_bytes  # what the parsed dataset holds (values and objects)
     if header.encapsulated:
         # get_frame's copy of the codestream, the plugin's output buffer, pydicom's array it is copied into;
         # JPEG plugins (Pillow, GDCM) hold their own image too (Pillow: 4 bytes per pixel for colour).

@@ -50,6 +50,7 @@ from inference.dicom_header import (
     DicomHeader,
     check_pixel_data,
     decode_cost,
+    inflation_cap,
     looks_like_dicom,
     parse_dicom,
 )
@@ -98,17 +99,26 @@ def plan_decode(
     max_pixels: int = 50_000_000,
     max_decode_bytes: int | None = None,
     display_max_side: int | None = None,
+    inflation_budget_bytes: int | None = None,
 ) -> DecodePlan:
     """What decoding `data` will cost, from its header alone; raises ImageError (413 over a limit).
 
     Cheap: Pillow opens lazily, pydicom parses without decoding pixel data. For DICOM the plan carries the
     parsed dataset, and compressed pixel data has had its first codestream checked against the header.
+    A deflated DICOM inflating past what the decode limit allows is refused before it is inflated; past
+    `inflation_budget_bytes` (when given) InflationNotBudgetedError says how much it needs, so a caller that
+    holds memory for the parse can hold more and ask again.
     """
     if not data:
         raise UndecodableImageError("not an image: got 0 bytes")
     if dicom or looks_like_dicom(data):
         try:
-            header = parse_dicom(data, force=dicom, max_inflated_bytes=max_decode_bytes)
+            header = parse_dicom(
+                data,
+                force=dicom,
+                max_inflated_bytes=inflation_cap(max_decode_bytes),
+                inflation_budget_bytes=inflation_budget_bytes,
+            )
             plan = DecodePlan(
                 format="DICOM",
                 width=header.columns,
@@ -157,6 +167,8 @@ def prepare_image(
         raise ValueError(f"size must be >= 1, got {size}")
     if resize not in _RESAMPLE:
         raise ValueError(f"resize must be one of {sorted(_RESAMPLE)}, got {resize!r}")
+    if plan is not None and plan.format == "DICOM" and plan.dicom is None:
+        plan = None  # its parsed dataset was let go while it waited for memory: parsed again now
     if plan is None and (not data or dicom or looks_like_dicom(data)):
         plan = plan_decode(
             data,

@@ -223,11 +223,15 @@ def _jpegls_codestream(width: int, height: int, components: int = 1, bits: int =
     )
 
 
-def deflate_bomb(inflated_bytes: int = 450_000_000) -> bytes:
+def deflate_bomb(
+    inflated_bytes: int = 450_000_000, *, preamble: bool = True, group_length: bool = True, meta_padding: int = 0
+) -> bytes:
     """A Deflated Explicit VR Little Endian file whose data set inflates to `inflated_bytes` (a private OB of zeros).
 
     Deflate after a full flush restarts with an empty history, so one compressed megabyte of zeros can be
-    repeated: about 1 kB per inflated MB.
+    repeated: about 1 kB per inflated MB. The layouts a pre-scan of the first bytes missed: no preamble, no
+    (0002,0000) group length, or a File Meta Information Version `meta_padding` bytes long, which puts the
+    transfer syntax past byte 4096.
     """
     ds = radiograph(np.zeros((8, 8), dtype=np.uint8))
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
@@ -246,9 +250,29 @@ def deflate_bomb(inflated_bytes: int = 450_000_000) -> bytes:
     zeros = compressor.compress(bytes(chunk)) + compressor.flush(zlib.Z_FULL_FLUSH)
     end = compressor.compress(pixel) + compressor.flush()
     meta = DicomBytesIO()
-    meta.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    meta.write(b"\x00" * 128 + b"DICM" if preamble else b"")  # without: the meta group from byte 0
+    file_meta = ds.file_meta
+    if meta_padding:
+        file_meta.FileMetaInformationVersion = b"\x00\x01" + b"\x00" * meta_padding
+    if group_length and not meta_padding:
+        write_file_meta_info(meta, file_meta, enforce_standard=True)
+    else:
+        if "FileMetaInformationGroupLength" in file_meta:
+            del file_meta.FileMetaInformationGroupLength
+        if not group_length:
+            file_meta.FileMetaInformationVersion = b"\x00\x01"
+        write_file_meta_info(meta, file_meta, enforce_standard=False)
     return meta.getvalue() + start + zeros * count + end
+
+
+def element_bomb(elements: int = 500_000) -> bytes:
+    """A DICOM radiograph followed by `elements` empty private elements: 8 bytes each in the file, about 300
+    bytes each of pydicom's objects (an 8 MB file took 300 MB and 40 s to parse)."""
+    body = encode(radiograph(_grey(64, 64)))
+    tags = ((group, element) for group in range(0x0011, 0x7FE0, 2) for element in range(0x1000, 0x1100))
+    empty = b"".join(struct.pack("<HH2sH", g, e, b"LO", 0) for (g, e), _ in zip(tags, range(elements), strict=False))
+    pixel = body.index(struct.pack("<HH", 0x7FE0, 0x0010))
+    return body[:pixel] + empty + body[pixel:]
 
 
 # --- PNG / JPEG builders -------------------------------------------------------------------------------------------
@@ -427,6 +451,30 @@ def hostile_cases() -> list[HostileCase]:
         HostileCase("dicom-encapsulation-broken", _broken_encapsulation(), DICOM, f422),
         HostileCase("dicom-private-transfer-syntax", _private_syntax(), DICOM, f415),
         HostileCase("dicom-deflate-bomb-450MB", deflate_bomb(), DICOM, f413, "450 kB inflating to 450 MB"),
+        HostileCase(
+            "dicom-deflate-bomb-no-preamble",
+            deflate_bomb(preamble=False),
+            DICOM,
+            f413,
+            "meta from byte 0: the old guard counted nothing",
+        ),
+        HostileCase(
+            "dicom-deflate-bomb-no-group-length",
+            deflate_bomb(group_length=False),
+            DICOM,
+            f413,
+            "no (0002,0000): the old guard counted nothing",
+        ),
+        HostileCase(
+            "dicom-deflate-bomb-syntax-past-4k",
+            deflate_bomb(meta_padding=5000),
+            DICOM,
+            f413,
+            "the transfer syntax UID past byte 4096",
+        ),
+        HostileCase(
+            "dicom-element-bomb-500k-empty-elements", element_bomb(), DICOM, f422, "4 MB: 150 MB of pydicom objects"
+        ),
         HostileCase("dicom-random-bytes", _random(4096, seed=7), DICOM, f422),
         HostileCase("dicom-zero-bytes", b"", DICOM, f422),
         HostileCase("png-ihdr-60000x60000-tiny-idat", png_claiming_size(60000, 60000), PNG, f413),
