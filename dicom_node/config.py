@@ -30,4 +30,6 @@ class NodeConfig:
     delivery_associations: int = 4  # batches sent at once (C-STORE associations or STOW-RS requests)
     retry_initial_s: float = 2.0
     retry_max_s: float = 300.0
+    max_associations: int = 16  # associations the storage SCP serves at once; more are refused
+    max_associations_per_peer: int = 8  # from one peer address at once, so one host cannot take every slot
     tls: TlsConfig = field(default_factory=TlsConfig)  # DICOM TLS for the SCP and/or the deliveries

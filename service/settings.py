@@ -2,16 +2,26 @@
 
 The DICOM node's are the `dicom_*` ones (`BFD_DICOM_PORT`, `BFD_DICOM_DESTINATION`, ...: README "DICOM node").
 
-Validated at construction with messages that say which setting is wrong and what came. The core's part of
-them is handed over as plain data (`predictor_config()`): the core never reads settings itself.
+Validated at construction with messages that say which setting is wrong and what came; what the settings
+alone cannot show (names that must resolve, paths that must be of the right kind, mistyped `BFD_*` names) is
+checked by `check_environment()`, which `bfd serve` runs before it loads the bundle. Either way it stops with
+exit 2 and a line per problem (`problem_lines`), not later with a traceback. The core's part of them is handed
+over as plain data (`predictor_config()`): the core never reads settings itself.
 """
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import os
+import re
+import socket
+import threading
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dicom_node.config import RESULT_KINDS, NodeConfig
@@ -20,32 +30,84 @@ from inference.config import PredictorConfig
 from inference.memory_budget import REQUEST_BODY_COPIES
 from inference.providers import PROVIDER_NAMES
 
+ENV_PREFIX = "BFD_"
+
+# BFD_ variables that are not settings but that the project itself reads, so that `bfd serve` run from a shell, a CI
+# job or a compose file that sets them is not refused as mistyped. The one list of them: keep it in step with
+# `grep -rn "BFD_" --include=*.py --include=*.yml --include=run .` when a new one is read.
+OTHER_BFD_VARIABLES = frozenset(
+    {
+        "BFD_LOG_LEVEL",  # bfd/cli.py: --log-level's default
+        "BFD_CACHE_DIR",  # training/features.py: the feature cache
+        "BFD_REQUIRE_POSTGRES",  # tests (CI sets these, .ci/run): fail where the real thing cannot run, not skip
+        "BFD_REQUIRE_BROWSER",
+        "BFD_REQUIRE_DISPLAY",
+        "BFD_REQUIRE_ORTHANC",
+        "BFD_REQUIRE_CONTAINER",  # named by issue 23 for the container tests; not read anywhere yet
+        "BFD_ORTHANC_BINARY",  # loadtest/orthanc.py
+        "BFD_ORTHANC_DICOMWEB_PLUGIN",
+        "BFD_CHROMIUM",  # tests/test_web_ui.py
+        "BFD_LOAD_IMAGES",  # loadtest/locustfile.py
+        "BFD_LOAD_WAIT_S",
+        "BFD_BUNDLE_DIR",  # docker-compose.yml: substituted on the host, often exported in the same shell
+        "BFD_DICOM_TLS_DIR",
+    }
+)
+# Threads and worker processes: nothing is gained beyond the cores, and the largest common servers have up to 256
+# hardware threads. Unbounded, BFD_INTRA_OP_THREADS=100000 hung start-up at about 32,400 threads after it had used
+# up the machine's process table (threads count against it), for every other program too.
+MAX_THREADS = 256
+# A name that does not answer within this is reported as not resolving (a resolver can take minutes to give up).
+RESOLVE_TIMEOUT_S = 5.0
+# Values echoed in messages are cut to this many characters, whole messages to MAX_MESSAGE_CHARS: a setting can
+# hold megabytes, and some validators quote what they got.
+MAX_ECHOED_CHARS = 60
+MAX_MESSAGE_CHARS = 400
+# What Kubernetes puts in every pod of a namespace for each of its Services (service links): for the Services `bfd`
+# and `bfd-dicom` these are BFD_SERVICE_HOST, BFD_PORT=tcp://10.0.0.7:80, BFD_DICOM_PORT_11112_TCP_ADDR, ...
+SERVICE_LINK = re.compile(
+    r"BFD(_[A-Z0-9_]+)?_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)"
+)
+SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", flags=re.IGNORECASE)
+SERVICE_LINK_HINT = "a Kubernetes service link? set enableServiceLinks: false in the pod spec"
+# Values never echoed: they hold a key or credentials (a database URL, a DICOMweb URL with user:password).
+SECRET_SETTINGS = frozenset({"api_key", "database_url", "dicom_destination"})
+
 
 class Settings(BaseSettings):
     """Validated at construction; messages say which setting and what was got."""
 
-    model_config = SettingsConfigDict(env_prefix="BFD_", extra="forbid")
+    # allow_inf_nan=False: no float setting means anything at inf or nan (BFD_MAX_WAIT_MS=inf crashed the batcher
+    # after the bundle had loaded)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", allow_inf_nan=False)
 
     bundle: Path = Field(Path("models/demo"), description="bundle folder written by `bfd export`")
     # NoDecode: the environment gives comma-separated lists (BFD_PROVIDERS=cuda,cpu), not JSON
     providers: Annotated[list[str], NoDecode] = Field(
         ["auto"], description="onnxruntime providers in order: auto|cuda|tensorrt|cpu"
     )
-    intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads (default: all cores)")
-    decode_threads: int | None = Field(None, ge=1, description="decode pool size (default: all cores)")
+    intra_op_threads: int | None = Field(
+        None, ge=1, le=MAX_THREADS, description="onnxruntime threads (default: all cores)"
+    )
+    decode_threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="decode pool size (default: all cores)")
     decode_processes: int | None = Field(
         None,
         ge=0,
+        le=MAX_THREADS,
         description="worker processes for compressed DICOM codecs, which hold the GIL (default: as decode_threads; "
         "0: decode them in the decode threads)",
     )
     ort_spinning: bool = Field(False, description="let idle onnxruntime threads spin (lower latency, steals cores)")
     max_batch_size: int = Field(16, ge=1, le=256)
-    max_wait_ms: float = Field(0.0, ge=0.0, description="extra wait to fill a batch (accelerators); 0 on CPU")
+    # le: every lone image waits this long; a few ms pay on an accelerator, seconds never do
+    max_wait_ms: float = Field(
+        0.0, ge=0.0, le=10_000.0, description="extra wait to fill a batch (accelerators); 0 on CPU"
+    )
     # Admission: work is taken on only when it can start within a deadline (inference.batching, README).
     max_queue_wait_ms: float = Field(
         700.0,
         gt=0.0,
+        le=600_000.0,  # 10 min: longer than any HTTP client or DICOM sender waits for its answer
         description="longest an accepted image is expected to wait before its batch starts; more gets 503",
     )
     max_queue_size: int = Field(
@@ -65,14 +127,22 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(16, ge=1)
     # Slow or silent clients: bodies must keep coming, headers must arrive (service.http_server).
-    upload_timeout_s: float = Field(60.0, gt=0.0, description="a request body must be complete within this; else 408")
+    # Upper bounds: an hour (a 30 MB body at the minimum rate takes 25 min); headers are a few hundred bytes.
+    upload_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="a request body must be complete within this; else 408"
+    )
     upload_min_bytes_per_s: float = Field(
         20_000.0, ge=0.0, description="after the first 5 s a body must average this rate; else 408 (0: no check)"
     )
-    header_timeout_s: float = Field(10.0, gt=0.0, description="request headers must be complete within this")
-    keep_alive_timeout_s: float = Field(5.0, gt=0.0, description="idle keep-alive connections are closed after this")
+    header_timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="request headers must be complete within this")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="idle keep-alive connections are closed after this"
+    )
+    # ge=8: uvicorn refuses a request when its open connections (the request's own included) or its running tasks
+    # reach the limit, so 1 answered 503 to everything. 8 lets in a client's request next to the liveness and
+    # readiness probes, a metrics scrape and the idle keep-alive connections they leave open for a few seconds.
     limit_concurrency: int = Field(
-        1024, ge=1, description="connections plus requests the HTTP server takes at once; more get 503"
+        1024, ge=8, description="connections plus requests the HTTP server takes at once; more get 503"
     )
     abstain_min_router_probability: float | None = Field(
         None, ge=0.0, le=1.0, description="abstain under this router top probability (default: bundle, else 0.5)"
@@ -102,7 +172,7 @@ class Settings(BaseSettings):
         None, ge=0, le=65535, description="storage SCP port (C-ECHO, C-STORE); unset: no DIMSE listener"
     )
     dicom_host: str | None = Field(None, description="storage SCP bind address (default: as host)")
-    dicom_ae_title: str = Field("BFD", min_length=1, max_length=16, description="this node's AE title")
+    dicom_ae_title: str = Field("BFD", description="this node's AE title (DICOM AE: 1..16 printable ASCII, no \\)")
     dicom_allowed_aes: Annotated[list[str], NoDecode] = Field(
         [], description="calling AE titles let in, comma-separated; empty: any"
     )
@@ -140,8 +210,23 @@ class Settings(BaseSettings):
     dicom_delivery_associations: int = Field(
         4, ge=1, le=64, description="result batches sent at once (C-STORE associations or STOW-RS requests)"
     )
-    dicom_retry_initial_s: float = Field(2.0, gt=0.0, description="first delivery retry after this; doubling")
-    dicom_retry_max_s: float = Field(300.0, gt=0.0, description="longest wait between delivery retries")
+    dicom_retry_initial_s: float = Field(
+        2.0, gt=0.0, le=3600.0, description="first delivery retry after this; doubling"
+    )
+    dicom_retry_max_s: float = Field(
+        300.0, gt=0.0, le=86_400.0, description="longest wait between delivery retries (at most a day)"
+    )
+    # The storage SCP's association limits (dicom_node/scp.py); each association holds a thread and up to a few
+    # PDUs of memory, so the 256 above which threads are refused bounds them too.
+    dicom_max_associations: int = Field(
+        16, ge=1, le=MAX_THREADS, description="associations the storage SCP serves at once; more are refused"
+    )
+    dicom_max_associations_per_peer: int = Field(
+        8,
+        ge=1,
+        le=MAX_THREADS,
+        description="associations from one peer address at once, so one host cannot take every slot",
+    )
     # DICOM TLS (dicom_node/tls.py, README "DICOM node"): PEM files from the site's PKI.
     dicom_tls: bool = Field(False, description="the storage SCP speaks TLS only")
     dicom_destination_tls: bool = Field(False, description="C-STORE deliveries go over TLS")
@@ -161,6 +246,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title_is_dicom(cls, value: str) -> str:
+        from dicom_node.destination import validate_ae_title  # one rule for every AE title the node uses
+
+        validate_ae_title(value, "the AE title")
+        return value.strip(" ")  # leading and trailing spaces are not significant (PS3.5, AE)
+
+    @field_validator("dicom_allowed_aes")
+    @classmethod
+    def _allowed_aes_are_dicom(cls, value: list[str]) -> list[str]:
+        from dicom_node.destination import validate_ae_title
+
+        for index, title in enumerate(value):
+            validate_ae_title(title, f"allowed AE title {index + 1}")
+        return [title.strip(" ") for title in value]
 
     @field_validator("dicom_outputs")
     @classmethod
@@ -245,6 +347,70 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _ports_are_distinct(self) -> Settings:
+        """Two listeners on one address and port: the second bind fails after the bundle has loaded."""
+        if self.dicom_port is None or self.dicom_port != self.port or self.port == 0:  # 0: any free port
+            return self
+        dicom_host = self.dicom_host if self.dicom_host is not None else self.host
+        if dicom_host == self.host or _is_wildcard(dicom_host) or _is_wildcard(self.host):
+            raise ValueError(
+                f"dicom_port (BFD_DICOM_PORT) and port (BFD_PORT) are both {self.port} on overlapping addresses "
+                f"(BFD_HOST={self.host!r}, BFD_DICOM_HOST={dicom_host!r}): give the DICOM node a port of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retries_in_order(self) -> Settings:
+        if self.dicom_retry_initial_s > self.dicom_retry_max_s:
+            raise ValueError(
+                f"dicom_retry_initial_s (BFD_DICOM_RETRY_INITIAL_S, {self.dicom_retry_initial_s:g}) must not exceed "
+                f"dicom_retry_max_s (BFD_DICOM_RETRY_MAX_S, {self.dicom_retry_max_s:g}): the wait doubles up to it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> Settings:
+        if self.dicom_max_associations_per_peer > self.dicom_max_associations:
+            raise ValueError(
+                f"dicom_max_associations_per_peer (BFD_DICOM_MAX_ASSOCIATIONS_PER_PEER, "
+                f"{self.dicom_max_associations_per_peer}) must not exceed dicom_max_associations "
+                f"(BFD_DICOM_MAX_ASSOCIATIONS, {self.dicom_max_associations})"
+            )
+        return self
+
+    def check_environment(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """What the settings alone cannot show, one line per problem (empty: none); `bfd serve` runs it first.
+
+        Mistyped `BFD_*` names in `environ` (default: the process's), bind addresses that do not resolve, and
+        the DICOM node's paths. Kept out of construction: tests build Settings many times, and a name's
+        resolution or a folder's existence belongs to the machine it starts on, not to the settings.
+        """
+        problems = unknown_variables(os.environ if environ is None else environ)
+        addresses: dict[str, frozenset[str]] = {}
+        node = self.node_config()
+        hosts = {"host": self.host}
+        if node is not None and node.port is not None and self.dicom_host is not None:
+            hosts["dicom_host"] = self.dicom_host
+        for name, host in hosts.items():
+            try:
+                addresses[name] = resolve_bind_address(host)
+            except ValueError as error:
+                problems.append(f"{env_name(name)}: {error}")
+        both = {"host", "dicom_host"} <= addresses.keys()
+        if both and self.port != 0 and self.dicom_port == self.port and addresses["host"] & addresses["dicom_host"]:
+            problems.append(
+                f"BFD_DICOM_PORT: {self.dicom_port} is BFD_PORT too, and BFD_HOST={self.host!r} and "
+                f"BFD_DICOM_HOST={self.dicom_host!r} resolve to the same address: give the DICOM node a port "
+                "of its own"
+            )
+        if node is not None:
+            if node.spool_dir is not None and (problem := _folder_problem(node.spool_dir)):
+                problems.append(f"BFD_DICOM_SPOOL_DIR: {problem}")
+            if problem := _file_problem(node.audit_log):
+                problems.append(f"BFD_DICOM_AUDIT_LOG: {problem}")
+        return problems
+
     def node_config(self) -> NodeConfig | None:
         """The DICOM node's part of the settings; None when the node is off (no destination)."""
         if self.dicom_destination is None:
@@ -267,6 +433,8 @@ class Settings(BaseSettings):
             delivery_associations=self.dicom_delivery_associations,
             retry_initial_s=self.dicom_retry_initial_s,
             retry_max_s=self.dicom_retry_max_s,
+            max_associations=self.dicom_max_associations,
+            max_associations_per_peer=self.dicom_max_associations_per_peer,
             tls=self.tls_config(),
         )
 
@@ -291,3 +459,132 @@ class Settings(BaseSettings):
 
     def resolved_decode_threads(self) -> int:
         return self.predictor_config().resolved_decode_threads()
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting: `dicom_ae_title` -> `BFD_DICOM_AE_TITLE`."""
+    return ENV_PREFIX + field.upper()
+
+
+def known_variables() -> frozenset[str]:
+    """Every `BFD_*` name the project reads: the settings' and `OTHER_BFD_VARIABLES`."""
+    return frozenset(env_name(field) for field in Settings.model_fields) | OTHER_BFD_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line per `BFD_*` name nobody reads, with the nearest known one: a typo would otherwise be ignored."""
+    known = known_variables()
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads names in any case
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        nearest = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        if SERVICE_LINK.fullmatch(upper):
+            hint = SERVICE_LINK_HINT
+        elif nearest:
+            hint = f"did you mean {nearest[0]}?"
+        else:
+            hint = "README 'The service' lists the settings"
+        problems.append(f"{_shorten(name)}: no such setting ({hint})")
+    return problems
+
+
+def problem_lines(error: ValidationError, flags: Collection[str] = ()) -> list[str]:
+    """A line per problem naming the setting by its environment name (and its flag where one of `flags` gave it),
+    with what came, cut short; never the value of a secret."""
+    lines = []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if not item["loc"]:  # a rule across settings: its message names them
+            lines.append(_shorten(message, MAX_MESSAGE_CHARS))
+            continue
+        field = str(item["loc"][0])
+        where = env_name(field)
+        if field in flags:
+            where += f" (--{field.replace('_', '-')})"
+        value = item["input"]
+        got = "" if field in SECRET_SETTINGS or re.search(r"\bgot\b", message) else f", got {_shorten(repr(value))}"
+        if isinstance(value, str) and SERVICE_LINK_VALUE.match(value):
+            got += f" ({SERVICE_LINK_HINT})"
+        lines.append(_shorten(f"{where}: {message}{got}", MAX_MESSAGE_CHARS))
+    return lines
+
+
+def resolve_bind_address(host: str, timeout_s: float = RESOLVE_TIMEOUT_S) -> frozenset[str]:
+    """The addresses a bind to `host` would use; ValueError when it does not resolve within `timeout_s`.
+
+    A numeric address answers at once; '' is every interface (as uvicorn binds it).
+    """
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    if not host:
+        return frozenset({"0.0.0.0", "::"})
+    outcome: list[frozenset[str] | str] = []  # the addresses, or why there are none
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            outcome.append(frozenset(str(info[4][0]) for info in infos))
+        except (OSError, UnicodeError) as error:
+            outcome.append(str(error))
+
+    # A daemon thread: a resolver that never answers must not keep the process from exiting.
+    thread = threading.Thread(target=lookup, name="resolve-bind-address", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    expected = "expected a resolvable host name or an IP address"
+    if not outcome:
+        raise ValueError(f"{expected}, {_shorten(repr(host))} did not resolve within {timeout_s:g} s")
+    if isinstance(outcome[0], str):
+        raise ValueError(f"{expected}, got {_shorten(repr(host))} ({outcome[0]})")
+    return outcome[0]
+
+
+def _is_wildcard(host: str) -> bool:
+    """'' and 0.0.0.0 or :: bind every interface, so they overlap any other address of the port."""
+    if not host:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or the nearest of its parents that exists (what a mkdir of it would start from)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be used (created with its parents where missing, then written), or None."""
+    existing = _nearest_existing(folder)
+    if existing == folder.absolute():
+        if not existing.is_dir():
+            return f"expected a folder (or a path where one can be made), got a file: {_shorten(str(folder))}"
+    elif not existing.is_dir():
+        return f"expected a folder that can be made, but {_shorten(str(existing))} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"expected a folder this user can write to, {_shorten(str(existing))} is not writable"
+    return None
+
+
+def _file_problem(file: Path) -> str | None:
+    """Why a file cannot be appended to at `file` (its folder made where missing), or None."""
+    if file.is_dir():
+        return f"expected a file, got a folder: {_shorten(str(file))}"
+    if file.exists():
+        return None if os.access(file, os.W_OK) else f"expected a writable file, {_shorten(str(file))} is not"
+    return _folder_problem(file.absolute().parent)
+
+
+def _shorten(text: str, limit: int = MAX_ECHOED_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
