@@ -26,7 +26,10 @@ FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)  # next attempt of an entry given 
 
 class OutboxEntry(Base):
     __tablename__ = "outbox"
-    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_instance"),)
+    __table_args__ = (
+        UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_instance"),
+        {"sqlite_autoincrement": True},  # ids never reused on SQLite (migration 0003)
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

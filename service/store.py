@@ -17,6 +17,21 @@ The store never takes predictions down:
 
 What clients see is generic (`StoreUnavailableError`'s message: no host, port, user or database name);
 the driver's error and the URL, password hidden, go to the log only.
+
+SQLite is held by this process alone, so that no fault of its files can take the process down or lose data
+silently:
+- `locking_mode=EXCLUSIVE` before WAL: SQLite keeps the WAL index in heap memory and never creates or maps a
+  `-shm` file (a truncated or immutable `-shm` made the service die of SIGBUS); mmap stays off. The price: no
+  other process can open the file while the service runs (a second store of this process on it is refused at
+  once), and the store has ONE connection, which calls queue for (up to `POOL_TIMEOUT_S`) instead of
+  deadlocking on the lock;
+- the device and inode of the file (and its `-wal`) are recorded when the store becomes ready and compared
+  before each call (a stat, holding the connection): a file deleted or replaced under the service makes the
+  store unavailable (503; the log says what happened, once) until a database file is at the path again,
+  which the store then adopts (migrating it, and moving its id counters past every id handed out before).
+  Once ready, the store opens only an existing file (`mode=rw`): it never makes a new, empty database while
+  running;
+- ids are never reused: AUTOINCREMENT (migration 0003), so a deleted newest row does not give its id away.
 """
 
 from __future__ import annotations
@@ -25,19 +40,24 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import re
+import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 log = logging.getLogger(__name__)
@@ -47,12 +67,24 @@ CONNECT_TIMEOUT_S = 5.0
 MIGRATION_TIMEOUT_S = 30.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
+SQLITE_BUSY_TIMEOUT_S = 30  # a writer waits this long for SQLite's lock (another process holding the file)
+POOL_TIMEOUT_S = 30.0  # a SQLite call waits this long for the store's one connection: concurrent posts queue
 # The largest id and offset the store is asked for: `analyses.id` is a 32-bit integer in PostgreSQL.
 MAX_ROW_NUMBER = 2**31 - 1
 EXPECTED_URL = "sqlite+aiosqlite:///FILE or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE"
 # What a database that is down, unreachable or refusing us raises, through the drivers and SQLAlchemy.
 # Anything else failing in a store call is unexpected: logged with its traceback, and answered the same way.
-_UNAVAILABLE = (OperationalError, InterfaceError, DBAPIError, OSError, ConnectionError, asyncio.TimeoutError)
+_UNAVAILABLE = (
+    OperationalError,
+    InterfaceError,
+    DBAPIError,
+    PoolTimeoutError,
+    OSError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+# The tables whose ids clients or the DICOM node keep: their counters move past every id handed out.
+_ID_TABLES = ("analyses", "outbox")
 T = TypeVar("T")
 
 
@@ -64,6 +96,7 @@ class Analysis(Base):
     """One stored analysis of one image."""
 
     __tablename__ = "analyses"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused on SQLite (migration 0003)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
@@ -104,10 +137,22 @@ class NewAnalysis:
 
 def _connect_args(url: URL) -> dict[str, Any]:
     if url.get_backend_name() == "sqlite":
-        return {"timeout": 30}  # seconds a writer waits for the lock: concurrent posts queue, none is lost
+        return {"timeout": SQLITE_BUSY_TIMEOUT_S}
     if url.get_driver_name() == "asyncpg":
         return {"timeout": CONNECT_TIMEOUT_S}
     return {}
+
+
+def _in_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file a SQLite URL opens, absolute as SQLAlchemy makes it; None for other databases, in-memory ones
+    and SQLite URI filenames (`?uri=true`: what they open is SQLite's to decide)."""
+    if url.get_backend_name() != "sqlite" or _in_memory(url) or url.query.get("uri"):
+        return None
+    return Path(os.path.abspath(str(url.database)))
 
 
 def _engine(url_text: str) -> AsyncEngine:
@@ -116,11 +161,16 @@ def _engine(url_text: str) -> AsyncEngine:
     if url.port is not None and not 1 <= url.port <= 65535:
         raise ValueError(f"port must be 1..65535, got {url.port}")
     sqlite = url.get_backend_name() == "sqlite"
-    if sqlite and url.database and url.database != ":memory:":
+    pool: dict[str, Any] = {}
+    if sqlite and not _in_memory(url):
+        # ONE connection: it holds the file's lock (locking_mode=EXCLUSIVE); a second would wait out the busy
+        # timeout and fail, so calls wait for this one in the pool's queue instead
+        pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": POOL_TIMEOUT_S}
+    if (path := sqlite_path(url)) is not None:
         # a folder that cannot be made surfaces as 'unavailable' on first use, not as a crash here
         with contextlib.suppress(OSError):
-            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args=_connect_args(url), pool_pre_ping=not sqlite)
+            path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args=_connect_args(url), pool_pre_ping=not sqlite, **pool)
     if sqlite:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
@@ -160,6 +210,12 @@ class ResultsStore:
         self._probing = False
         self._failures = 0
         self._retry_at = -math.inf
+        self._file: DatabaseFile | None = None  # a SQLite store's file, checked before each call
+        self._lost: str | None = None  # what happened to that file, while the store waits for one at its path
+        self._highest_ids: dict[str, int] = {}  # per table: the highest id handed out, for an adopted file
+        if self.engine is not None and (path := sqlite_path(self.engine.url)) is not None:
+            self._file = DatabaseFile(path)
+            event.listen(self.engine.sync_engine, "do_connect", self._file.open_existing_only)
 
     # --- the gate: misconfigured, backing off, probing, or ready -----------------------------------------------
 
@@ -181,6 +237,21 @@ class ResultsStore:
             return
         if self._probing:  # one probe at a time; the others are refused rather than queued behind it
             raise StoreUnavailableError(_retry_message(1), 1)
+        if self._file is not None:
+            if (holder := _hold(self._file.path, self)) is not None:
+                self._failed(OSError(holder), "opening its database file")
+                raise self._refusal(self.clock())
+            try:
+                self._file.set_aside_wal()
+                waiting = self._lost is not None and (_identity(self._file.path) is None or self._file.orphaned_wal())
+            except OSError as error:  # a path that cannot even be looked at (permissions): the log says so
+                self._failed(error, "looking at its database file")
+                raise self._refusal(self.clock()) from error
+            if waiting:
+                # nothing to adopt yet; the log said what happened when it happened (and a connection now
+                # would fail anyway: the store opens only an existing file once it has been ready)
+                self._failed(FileNotFoundError(f"no database file at {self._file.path}"), "waiting", quiet=True)
+                raise self._refusal(self.clock())
         self._probing = True
         try:
             await self._migrate(self.engine)
@@ -190,7 +261,17 @@ class ResultsStore:
         finally:
             self._probing = False
         self._migrated = True
+        if self._file is not None:
+            self._file.remember()
         self._succeeded()
+        if self._lost is not None:
+            log.warning(
+                "results store adopted the database file now at %s (%s before); ids continue past %s",
+                self.redacted_url,
+                self._lost,
+                self._highest_ids or "those in the file",
+            )
+            self._lost = None
         log.info("results store ready at %s", self.redacted_url)
 
     def retry_in_s(self) -> float:
@@ -205,13 +286,16 @@ class ResultsStore:
             _process_migration_lock(),
         ):
             await connection.run_sync(_upgrade_to_head)
+            if self._file is not None and self._highest_ids:
+                await connection.run_sync(_raise_id_counters, dict(self._highest_ids))
 
     def _refusal(self, now: float) -> StoreUnavailableError:
         seconds = max(1, math.ceil(self._retry_at - now))
         return StoreUnavailableError(_retry_message(seconds), seconds)
 
-    def _failed(self, error: BaseException, doing: str) -> None:
-        """Start (or lengthen) the back-off; log the details, once per window, never to clients."""
+    def _failed(self, error: BaseException, doing: str, *, quiet: bool = False) -> None:
+        """Start (or lengthen) the back-off; log the details, once per window (not at all when `quiet`: the
+        caller has logged what happened), never to clients."""
         self._migrated = False  # the database may come back a fresh one: check the migrations on the probe
         now = self.clock()
         if now < self._retry_at:  # calls already in flight when the window opened: counted once
@@ -221,6 +305,11 @@ class ResultsStore:
         delay_s = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (self._failures - 1))
         self._retry_at = now + delay_s
         detail = _first_line(getattr(error, "orig", None) or error)
+        if quiet:
+            log.debug("results store unavailable while %s (%s); next try in %g s", doing, detail, delay_s)
+            return
+        if self._file is not None and ("locked" in detail or isinstance(error, TimeoutError)):
+            detail += " (has another process the SQLite file open? The service needs it alone; PostgreSQL to share)"
         if not isinstance(error, _UNAVAILABLE):
             log.error("results store failed unexpectedly while %s", doing, exc_info=error)
         log.warning(
@@ -243,15 +332,60 @@ class ResultsStore:
     async def call(self, doing: str, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `operation` in a session behind the gate; failures start the back-off (StoreUnavailableError)."""
         await self.ensure_ready()
-        assert self._sessions is not None  # ensure_ready refuses a store without an engine
+        assert self.engine is not None  # ensure_ready refuses a store without an engine
+        assert self._sessions is not None
         try:
-            async with self._sessions() as session:
-                result = await operation(session)
+            async with self.engine.connect() as connection:
+                if self._file is not None:
+                    await self._check_file(connection)
+                async with self._sessions(bind=connection) as session:
+                    result = await operation(session)
+        except StoreUnavailableError:
+            raise
         except Exception as error:
             self._failed(error, doing)
             raise self._refusal(self.clock()) from error
         self._succeeded()
         return result
+
+    async def _check_file(self, connection: AsyncConnection) -> None:
+        """Refuse unless the file is still the one the store made ready. Checked holding the store's one
+        connection: no call is using the file meanwhile, and none that queued for it uses a replaced one."""
+        assert self._file is not None
+        if not self._migrated:  # a call before this one found the file changed (or failed) while this one queued
+            raise self._refusal(self.clock())
+        change = self._file.change()
+        if change is None:
+            return
+        self._migrated = False
+        with contextlib.suppress(Exception):  # best effort: a damaged file may not say
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                found = await connection.exec_driver_sql("SELECT name, seq FROM sqlite_sequence")
+                rows: list[Any] = list(found.all())
+                for table, seq in rows:
+                    self._note_id(str(table), int(seq))
+        # Closed now. A file still at its path gets what the WAL holds (so a -wal deleted alone loses nothing);
+        # a file deleted or moved does not (SQLite checks), and then its -wal, if still at the path, is moved
+        # aside: it belongs to the file that was there, and SQLite would replay it into whatever comes next.
+        with contextlib.suppress(Exception):
+            await connection.invalidate()
+        kept = self._file.set_aside_wal()
+        self._lost = change
+        log.error(
+            "results store: %s while the service ran (%s)%s; storage calls answer 503 "
+            "until a database file is at that path again, which the store then adopts (it never creates an "
+            "empty one while running). Restore a backup there, or restart the service to start a new, empty "
+            "store. Predictions still work",
+            change,
+            self._file.path,
+            f"; the write-ahead log of the file that was there is kept as {kept}" if kept else "",
+        )
+        self._failed(FileNotFoundError(change), "checking its database file", quiet=True)
+        raise self._refusal(self.clock())
+
+    def _note_id(self, table: str, seq: int) -> None:
+        if table in _ID_TABLES:
+            self._highest_ids[table] = max(seq, self._highest_ids.get(table, 0))
 
     def scrub(self, text: str) -> str:
         """`text` with this store's URL and password replaced by their redacted forms (for logs)."""
@@ -284,7 +418,9 @@ class ResultsStore:
                 session.add(row)
             return row
 
-        return await self.call("storing an analysis", insert)
+        stored = await self.call("storing an analysis", insert)
+        self._note_id("analyses", stored.id)
+        return stored
 
     async def get(self, analysis_id: int) -> Analysis | None:
         """The analysis with this id, or None (also for ids no row can have: below 1, above MAX_ROW_NUMBER)."""
@@ -317,6 +453,10 @@ class ResultsStore:
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.dispose()
+        if self._file is not None:  # deleted or replaced since the last call: leave no -wal for the next start
+            with contextlib.suppress(OSError):
+                self._file.set_aside_wal()
+            _release(self._file.path, self)
 
 
 def _retry_message(seconds: int) -> str:
@@ -329,11 +469,124 @@ def _first_line(error: object) -> str:
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    """WAL lets readers work while one writer writes; busy_timeout makes writers wait instead of failing."""
+    """EXCLUSIVE before WAL, on the connection's first access: SQLite then keeps the WAL index in heap memory
+    and never maps a `-shm` file, whose truncation would kill the process with SIGBUS (mmap off for the same
+    reason); WAL for crash safety; busy_timeout makes a second process wait before it is refused."""
     cursor = connection.cursor()
+    cursor.execute("PRAGMA locking_mode=EXCLUSIVE")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+    cursor.execute("PRAGMA mmap_size=0")
     cursor.close()
+
+
+Identity = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _identity(path: Path) -> Identity | None:
+    try:
+        found = path.stat()
+    except (FileNotFoundError, NotADirectoryError):  # no file there
+        return None
+    return found.st_dev, found.st_ino
+
+
+class DatabaseFile:
+    """A SQLite store's file and its write-ahead log, for noticing them deleted or replaced (a stat each)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.wal = path.with_name(path.name + "-wal")
+        self.seen: tuple[Identity | None, Identity | None] | None = None  # when the store last became ready
+
+    def remember(self) -> None:
+        self.seen = (_identity(self.path), _identity(self.wal))
+
+    def change(self) -> str | None:
+        """What happened to the files since `remember` ('its database file was deleted', ...), or None."""
+        if self.seen is None:
+            return None
+        main, wal = self.seen
+        now = _identity(self.path)
+        if now != main:
+            return f"its database file was {'deleted' if now is None else 'replaced'}"
+        if wal is not None and _identity(self.wal) != wal:
+            return "its write-ahead log (-wal) was deleted or replaced"
+        return None
+
+    def orphaned_wal(self) -> bool:
+        """Whether the -wal at the path belongs to no file there: none is, or it is the one seen with a file
+        that has gone. SQLite would replay it into whatever database is opened at the path next."""
+        wal = _identity(self.wal)
+        if wal is None:
+            return False
+        main = _identity(self.path)
+        if main is None:
+            return True
+        return self.seen is not None and main != self.seen[0] and wal == self.seen[1]
+
+    def set_aside_wal(self) -> Path | None:
+        """Move an orphaned -wal (`orphaned_wal`) away from the path, keeping it for whoever wants to look;
+        its new name, or None when there was none to move or it could not be moved (logged)."""
+        if not self.orphaned_wal():
+            return None
+        aside = self.wal.with_name(f"{self.wal.name}.orphaned-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
+        try:
+            os.replace(self.wal, aside)
+        except OSError as error:
+            log.error("results store: could not move the orphaned %s aside (%s); remove it", self.wal, error)
+            return None
+        log.warning("results store: moved %s, which belongs to no database file there, aside to %s", self.wal, aside)
+        return aside
+
+    def open_existing_only(self, _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        """Once the store has been ready, connect with `mode=rw`: SQLite then refuses a missing file instead of
+        creating an empty one (ids from 1 again, under the same path). And never next to an orphaned -wal,
+        which SQLite would replay into the file. A DialectEvents.do_connect listener."""
+        if self.orphaned_wal():
+            raise sqlite3.OperationalError(f"{self.wal} belongs to no database file there: move it aside first")
+        if self.seen is not None:
+            cargs[:] = [f"file:{quote(str(self.path))}?mode=rw"]
+            cparams["uri"] = True
+
+
+def _raise_id_counters(connection: Any, highest: dict[str, int]) -> None:
+    """Move AUTOINCREMENT counters up to `highest` (table -> id): an adopted file (a backup restored) must not
+    hand out again an id this process handed out from the file it replaced."""
+    for table, seq in highest.items():
+        params = {"name": table, "seq": seq}
+        connection.execute(text("UPDATE sqlite_sequence SET seq = :seq WHERE name = :name AND seq < :seq"), params)
+        connection.execute(
+            text(
+                "INSERT INTO sqlite_sequence (name, seq) SELECT :name, :seq "
+                "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = :name)"
+            ),
+            params,
+        )
+
+
+# The SQLite files held by a store of this process (the lock is the connection's, so a second store on one file
+# would wait out the busy timeout and fail): a second store is refused at once, saying why.
+_HELD: weakref.WeakValueDictionary[Path, ResultsStore] = weakref.WeakValueDictionary()
+_HOLDING = threading.Lock()
+
+
+def _hold(path: Path, store: ResultsStore) -> str | None:
+    """Hold `path` for `store`; None when it may, else why not (another store of this process holds it)."""
+    with _HOLDING:
+        holder = _HELD.setdefault(path, store)
+    if holder is store:
+        return None
+    return (
+        f"another results store of this process holds {path} (a SQLite file is one store's alone: "
+        "one app per file, or PostgreSQL)"
+    )
+
+
+def _release(path: Path, store: ResultsStore) -> None:
+    with _HOLDING:
+        if _HELD.get(path) is store:
+            del _HELD[path]
 
 
 # Alembic keeps its migration context in module globals, so two stores migrating at once in one process (two
