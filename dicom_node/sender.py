@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 BATCH = 16
 PARALLEL = 4  # batches (associations, STOW-RS requests) in flight at once, all destinations together
 POLL_S = 1.0
+MAX_DOUBLINGS = 64  # 2**64 times any sane retry_initial_s is past any retry_max_s, and far from overflowing
 
 
 class DeliveryLoop:
@@ -139,7 +140,7 @@ class DeliveryLoop:
             attempts = max(e.attempts for e in entries) + 1
             retry_at = None
             if error.retriable:
-                delay = min(self.retry_max_s, self.retry_initial_s * 2 ** (attempts - 1))
+                delay = retry_delay_s(attempts, self.retry_initial_s, self.retry_max_s)
                 retry_at = datetime.now(UTC) + timedelta(seconds=delay)
             await self.outbox.failed([e.id for e in entries], error.reason, retry_at)
             self._audit(entries, destination, "retry" if error.retriable else "refused", error.reason, attempts)
@@ -171,6 +172,16 @@ class DeliveryLoop:
             status=status,
             attempt=attempt,
         )
+
+
+def retry_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """The wait before the next try after `attempts` failed ones: `initial_s` doubling per attempt, up to `max_s`.
+
+    The exponent is capped, so the wait stays finite however many attempts have failed: `2.0 ** 1024`
+    overflows (OverflowError), and a destination down for a long weekend at a minute a try gets there.
+    """
+    doublings = min(max(attempts - 1, 0), MAX_DOUBLINGS)
+    return min(max_s, initial_s * 2.0**doublings)
 
 
 def _status(status: int | None, kind: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from starlette.types import Message, Receive
 from inference.answers import bundle_warnings, model_answer
 from inference.predictor import AnswerTicket, Predictor, Upload, release_all
 from inference.results import StudyResponse
-from service.errors import ServiceError
+from service.errors import ServiceError, shorten, validation_reasons
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
 from service.security import ApiKeyDep
@@ -33,6 +34,7 @@ T = TypeVar("T")
 
 IMAGE_MEDIA_TYPES = {"image/png", "image/jpeg", "application/dicom"}
 ACCEPTED_MEDIA_TYPES = {"multipart/form-data", "application/json", *IMAGE_MEDIA_TYPES}
+MAX_NAME_CHARS = 512  # an image's name, as answers, errors and the results store carry it
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,")
 
 
@@ -157,7 +159,7 @@ async def admitted(
         raise ServiceError(
             415,
             "unsupported_media_type",
-            f"content-type {media_type or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
+            f"content-type {shorten(media_type) or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
         )
     declared = request.headers.get("content-length", "")
     limits = UploadLimits(settings.max_upload_bytes, settings.upload_timeout_s, settings.upload_min_bytes_per_s)
@@ -168,6 +170,7 @@ async def admitted(
         reader.reserve_declared(int(declared) if declared.isdigit() else None)
         body = await reader.read(request.receive)
         uploads = await _parse(request, media_type, body, body_part, heatmap, settings.max_images_per_request)
+        uploads = [_echo_safe(upload) for upload in uploads]
         del body  # the uploads hold what the answer needs
         tickets = predictor.admit(len(uploads))
         yield tickets, uploads
@@ -177,6 +180,19 @@ async def admitted(
     finally:
         release_all(tickets)  # a no-op for the slots whose images were submitted
         reader.release()
+
+
+def _echo_safe(upload: Upload) -> Upload:
+    """The upload with its name and body part short enough to echo in an answer or an error.
+
+    A body part longer than `ECHO_CHARS` is no body part of any bundle; shortened, it still is none (it ends
+    in "characters)"), so the core refuses it as before, quoting it short. Names are cut at `MAX_NAME_CHARS`.
+    """
+    body_part = None if upload.body_part is None else shorten(upload.body_part)
+    name = shorten(upload.name, MAX_NAME_CHARS)
+    if body_part == upload.body_part and name == upload.name:
+        return upload
+    return dataclasses.replace(upload, name=name, body_part=body_part)
 
 
 def _count_upload_refusal(metrics: Metrics, error: ServiceError) -> None:
@@ -201,7 +217,7 @@ def _parse_json(body: bytes, body_part: str | None, heatmap: bool) -> Upload:
     try:
         payload = PredictJSONRequest.model_validate_json(body)
     except ValidationError as error:
-        reasons = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors())
+        reasons = validation_reasons(error.errors(), where="body")
         raise ServiceError(422, "invalid_json", f"invalid JSON request: {reasons}") from error
     # Whitespace is dropped first: the `base64` command (and many libraries) wrap lines at 76 characters.
     encoded = "".join(_DATA_URL.sub("", payload.image.strip()).split())
@@ -236,7 +252,7 @@ async def _parse_multipart(
         for index, file in enumerate(files):
             name = file.filename or f"image-{index + 1}"
             if isinstance(given_name, str) and given_name.strip() and len(files) == 1:
-                name = given_name.strip()[:512]
+                name = given_name.strip()[:MAX_NAME_CHARS]
             dicom = (file.content_type or "").lower() == "application/dicom" or name.lower().endswith(".dcm")
             uploads.append(Upload(await file.read(), name, hint, heatmap, dicom))
         return uploads

@@ -2,6 +2,8 @@
 
 `http_error()` turns any error the core raises into a `ServiceError` (status, stable code, reason, headers);
 the HTTP routes raise ServiceError themselves only for what is HTTP's own (media types, bodies, API keys).
+What a client sent is echoed in a reason at most `ECHO_CHARS` long (`shorten`), and no reason is longer than
+`MAX_REASON_CHARS`: a 900 KB body part once came back in a 900 KB 422.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from inference.batching import BatcherClosedError, QueueFullError
 from inference.errors import (
@@ -27,11 +30,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ECHO_CHARS = 100  # a value the client sent, as an error reason may quote it
+MAX_REASON_CHARS = 2_000  # a whole reason, whatever it quotes (the core's messages, validation errors)
+
+
+def shorten(value: str, limit: int = ECHO_CHARS) -> str:
+    """`value` whole when at most `limit` characters, else its start, an ellipsis and its length: `limit` at most."""
+    if len(value) <= limit:
+        return value
+    tail = f"… ({len(value):,} characters)"
+    return value[: max(0, limit - len(tail))] + tail
+
 
 class ServiceError(Exception):
     """An error with an HTTP status, a stable code and a human reason."""
 
     def __init__(self, status: int, code: str, reason: str, headers: dict[str, str] | None = None) -> None:
+        reason = shorten(reason, MAX_REASON_CHARS)
         super().__init__(reason)
         self.status = status
         self.code = code
@@ -97,7 +112,20 @@ _SHEDDING_CODES = frozenset({"overloaded", "shutting_down", "store_unavailable"}
 
 
 def error_body(status: int, code: str, reason: str) -> dict[str, object]:
-    return {"detail": reason, "code": code, "status": status}
+    return {"detail": shorten(reason, MAX_REASON_CHARS), "code": code, "status": status}
+
+
+def validation_reasons(errors: Sequence[Mapping[str, Any]], where: str = "") -> str:
+    """pydantic's errors as `loc: msg; ...`, every part shortened (a location may be a key the client chose).
+
+    The `input` of each error (the value the client sent, of any size) is never quoted; a message is pydantic's
+    own words but for a validator's, which may quote the input.
+    """
+    return "; ".join(
+        f"{shorten('.'.join(str(p) for p in e.get('loc', ())) or where)}: "
+        f"{shorten(str(e.get('msg', 'invalid')), 3 * ECHO_CHARS)}"
+        for e in errors
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -128,9 +156,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in error.errors()
-        )
+        reasons = validation_reasons(error.errors())
         return JSONResponse(error_body(422, "invalid_request", reasons or "invalid request"), 422)
 
     @app.exception_handler(StarletteHTTPException)

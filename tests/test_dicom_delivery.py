@@ -31,6 +31,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.delivery import Delivered, DeliveryError, deliver
 from dicom_node.destination import Destination
+from dicom_node.sender import retry_delay_s
 from loadtest.dicom_studies import (
     CR_IMAGE_STORAGE,
     CT_IMAGE_STORAGE,
@@ -157,6 +158,16 @@ def test_credentials_never_reach_messages_or_descriptions() -> None:
     assert destination.describe() == "https://pacs.example.org:8443/dicom-web"
     assert "s3cret" not in repr(destination)
     assert Destination.parse("PACS@[::1]:104").describe() == "PACS@[::1]:104"
+
+
+def test_the_retry_wait_doubles_up_to_its_cap_however_many_attempts_failed() -> None:
+    # 2 ** 1024 once overflowed float: after 1,024 failed attempts a delivery froze, with no audit record
+    attempts = [1, 2, 10, 1024, 1025, 10**6, 10**12]
+    waits = [retry_delay_s(n, initial_s=5.0, max_s=600.0) for n in attempts]
+    assert waits[:2] == [5.0, 10.0]
+    assert waits[2:] == [600.0] * 5
+    assert waits == sorted(waits)
+    assert retry_delay_s(10**6, initial_s=1e-9, max_s=3600.0) == 3600.0  # a tiny initial wait reaches the cap too
 
 
 def test_a_bad_calling_ae_or_a_corrupt_instance_is_refused_before_any_traffic() -> None:
