@@ -29,6 +29,8 @@ from dicom_node.scope import OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, sop_clas
 from inference.decode_plan import format_bytes
 
 POLL_S = 0.05
+# A C-STORE request's command set is about 200 bytes; pynetdicom would gather command fragments without end.
+MAX_COMMAND_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,12 @@ class ReceiveGate:
             self._receiving += count
             return True
 
+    def charge(self, count: int) -> None:
+        """Count `count` bytes now, room or not: a PDU being read (`dicom_node.pdu_reading`), which an association
+        already bounded must not stall on; the instance buffers then wait for room, and refuse, as it fills."""
+        with self._room:
+            self._receiving += count
+
     def release(self, count: int) -> None:
         if count:
             with self._room:
@@ -112,39 +120,72 @@ class ReceiveBuffer(BytesIO):
     """A DIMSE message's data set, gathered under the gate's rules; `withheld` says why it was not kept.
 
     pynetdicom writes each data fragment here (on the association's reader thread) after the command set has
-    been decoded, so the first write can see the C-STORE request's SOP class."""
+    been decoded, so the first write can see the C-STORE request's SOP class, and the transfer syntax of its
+    presentation context: the Part 10 preamble and file meta go in first, so that `part10()` is the instance
+    as one buffer, without the copy pynetdicom's `encoded_dataset` makes (a second 100 MB for 100 MB)."""
 
-    def __init__(self, message: Any, gate: ReceiveGate) -> None:
+    def __init__(self, message: Any, gate: ReceiveGate, assoc: Any = None) -> None:
         super().__init__()
         self._message = message
         self._gate = gate
+        self._assoc = assoc
         self._reservation = _Reservation(gate)
         weakref.finalize(self, self._reservation.give_back)
         self._seen = 0
+        self._prefixed = False
         self.withheld: Withheld | None = None
+
+    def part10(self) -> bytes | None:
+        """The whole instance as a Part 10 file (the buffer itself, not a copy); None when it was withheld or its
+        file meta could not be written first."""
+        return self.getvalue() if self._prefixed and self.withheld is None else None
 
     def write(self, data: Any) -> int:
         count = len(data)
+        prefix = b""
         if self._seen == 0 and self.withheld is None:
             self._check_class()
+            if self.withheld is None:
+                prefix = self._prefix()
         self._seen += count
         if self.withheld is not None:
             return count  # read and dropped
         if (reason := self._gate.too_large(self._seen)) is not None:
             self._withhold(OUT_OF_RESOURCES, reason)
             return count
-        if not self._gate.reserve(count):
+        if not self._gate.reserve(count + len(prefix)):
             self._withhold(
                 OUT_OF_RESOURCES,
                 f"held and arriving instances at budget ({format_bytes(self._gate.budget)}); retry later",
             )
             return count
-        self._reservation.add(count)
-        return super().write(data)
+        self._reservation.add(count + len(prefix))
+        if prefix:
+            super().write(prefix)
+            self._prefixed = True
+        super().write(data)
+        return count
 
     def release(self) -> None:
         """The node has answered this instance (or the association ended): its reserved bytes go back."""
         self._reservation.give_back()
+
+    def _prefix(self) -> bytes:
+        """The Part 10 preamble and file meta of this C-STORE's data set, as pynetdicom's `encoded_dataset`
+        writes them; empty when they cannot be known (then `part10()` is None and pynetdicom's copy is used)."""
+        from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+        try:
+            command = self._message.command_set
+            context = self._assoc._accepted_cx[self._message.context_id]
+            meta = create_file_meta(
+                sop_class_uid=command.AffectedSOPClassUID,
+                sop_instance_uid=command.AffectedSOPInstanceUID,
+                transfer_syntax=context.transfer_syntax[0],
+            )
+            return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+        except Exception:  # not a C-STORE, or no accepted context
+            return b""
 
     def _check_class(self) -> None:
         from pynetdicom.dimse_messages import C_STORE_RQ
@@ -165,12 +206,16 @@ class ReceiveBuffer(BytesIO):
         )
         self.seek(0)
         self.truncate()  # what was kept of it goes now
+        self._prefixed = False
         self.release()
 
 
 def bound_receiving(dimse: Any, gate: ReceiveGate) -> None:
-    """Make an association's DIMSE provider gather every incoming data set in a ReceiveBuffer (before its
-    reader thread starts)."""
+    """Make an association's DIMSE provider gather every incoming data set in a ReceiveBuffer and refuse a command
+    set over MAX_COMMAND_BYTES (pynetdicom gathers either without limit), before its reader thread starts.
+
+    The P-DATA's PDU was charged to the gate while it was read (`dicom_node.pdu_reading`); the charge passes to
+    the buffer here: given back just before the buffer takes (and charges) its copy."""
     from pynetdicom.dimse_messages import DIMSEMessage
 
     receive = dimse.receive_primitive
@@ -178,8 +223,17 @@ def bound_receiving(dimse: Any, gate: ReceiveGate) -> None:
     def receive_primitive(primitive: Any) -> None:
         if dimse.message is None:
             message = DIMSEMessage()
-            message.data_set = ReceiveBuffer(message, gate)
+            message.data_set = ReceiveBuffer(message, gate, dimse.assoc)
             dimse.message = message
+        release = getattr(dimse.dul, "release_charge", None)
+        if release is not None:
+            release()
+        command = sum(len(data) - 1 for _, data in primitive.presentation_data_value_list if data and data[0] & 1)
+        if command and dimse.message.encoded_command_set.tell() + command > MAX_COMMAND_BYTES:
+            abort = getattr(dimse.dul, "abort_association", None)
+            if abort is not None:
+                abort(f"a DIMSE command set over {MAX_COMMAND_BYTES:,} bytes")
+                return
         receive(primitive)
 
     dimse.receive_primitive = receive_primitive

@@ -11,7 +11,11 @@ While a data set arrives, `dicom_node.receiving` bounds what it may keep in memo
 reach the node as `Withheld`); a refusal's reason goes back in the response's Error Comment. With a TLS
 context (`dicom_node.tls`) the port speaks TLS only; each handshake runs in its association's thread under a
 time limit (pynetdicom's runs in the accept loop without one: one client that connects and says nothing would
-keep every other sender out).
+keep every other sender out). Every PDU is read under the bounds of `dicom_node.pdu_reading` (length, memory,
+time, the A-ASSOCIATE-RQ's calling AE and context count before it is decoded), a DIMSE command set is at most
+`MAX_COMMAND_BYTES`, at most `max_associations` associations are served at once and `max_associations_per_peer`
+from one address (more are closed at once, so one host cannot take every slot), and pynetdicom's log records
+are one escaped line each (`dicom_node.peer_text`).
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import logging
 import queue
 import ssl
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 from dicom_node.config import NodeConfig
+from dicom_node.pdu_reading import PduCharge, bound
+from dicom_node.peer_text import printable, quiet_pynetdicom
 from dicom_node.receiving import ReceiveBuffer, ReceiveGate, Withheld, bound_receiving, release_unfinished
 from dicom_node.scope import ACCEPTED_TRANSFER_SYNTAXES, CANNOT_UNDERSTAND, OUT_OF_RESOURCES
 from dicom_node.tcp import no_delay
@@ -48,9 +55,6 @@ MAX_PDU_BYTES = 4 * 1024 * 1024
 # a second contending for the GIL with decoding (pynetdicom documents `_run_loop_delay` as the knob). 10 ms
 # adds at most 10 ms to a message arriving on an idle association; data in flight is read without sleeping.
 DUL_IDLE_POLL_S = 0.01
-# pynetdicom reads a PDU 4 KiB per recv() call into a growing bytearray: 2,500 calls and GIL hand-overs per
-# 10 MB instance. _BulkReadSocket reads into one buffer of the PDU's size, up to this much per call.
-RECV_CHUNK_BYTES = 1024 * 1024
 # pynetdicom's acceptor reactor sleeps 1 ms between looks at its DIMSE message queue (hard-coded): about 6% of a
 # core per open association, measured, with 4 associations from a PACS a quarter of a core and a GIL hand-over
 # every millisecond. Its non-blocking look waits up to this long instead, and returns as soon as a message comes.
@@ -83,7 +87,7 @@ class StorageSCP:
         self.ae.require_called_aet = False  # senders often call us by another title; the calling AE is checked
         if config.allowed_aes:
             self.ae.require_calling_aet = list(config.allowed_aes)
-        self.ae.maximum_associations = 16
+        self.ae.maximum_associations = config.max_associations
         self.ae.maximum_pdu_size = MAX_PDU_BYTES
         self.ae.network_timeout = 60
         self.ae.acse_timeout = 30
@@ -102,6 +106,7 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
+        quiet_pynetdicom()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
@@ -114,12 +119,15 @@ class StorageSCP:
                 (self.config.host, port),
                 evt_handlers=handlers,
                 server_class=_GatedServer,
-                request_handler=_BulkReadHandler,
+                request_handler=_BoundedHandler,
             ),
         )
         server.receive_gate = self.gate
         server.tls_context = self.tls
         server.on_tls_refused = self._tls_refused
+        server.config = self.config
+        server.peers = weakref.WeakKeyDictionary()
+        server.peers_lock = threading.Lock()
         self._server = server
         self.ae._servers.append(server)  # as AE.start_server does: the server's shutdown() takes it out again
         threading.Thread(target=server.serve_forever, name="dicom-scp", daemon=True).start()
@@ -146,15 +154,17 @@ class StorageSCP:
         """Runs in the association's thread."""
         buffer = event.request.DataSet
         try:
-            return self._answer(event, buffer.withheld if isinstance(buffer, ReceiveBuffer) else None)
+            return self._answer(event, buffer if isinstance(buffer, ReceiveBuffer) else None)
         finally:
             if isinstance(buffer, ReceiveBuffer):
                 buffer.release()  # the node holds it now (or refused it): its bytes count there
 
-    def _answer(self, event: Any, withheld: Withheld | None) -> int | Dataset:
+    def _answer(self, event: Any, buffer: ReceiveBuffer | None) -> int | Dataset:
         incoming: bytes | Withheld
-        if withheld is not None:
-            incoming = withheld
+        if buffer is not None and buffer.withheld is not None:
+            incoming = buffer.withheld
+        elif buffer is not None and (whole := buffer.part10()) is not None:
+            incoming = whole  # the buffer itself: still charged to the gate until the node has charged it
         else:
             try:
                 incoming = event.encoded_dataset(include_meta=True)
@@ -182,12 +192,17 @@ class StorageSCP:
 
 
 class _GatedServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, carrying the node's receive gate to each association's handler; with a TLS
-    context, connections are wrapped here and their handshake is left to the association's thread."""
+    """pynetdicom's threaded server, carrying the node's receive gate to each association's handler, and turning
+    away a connection from a peer address that already has `max_associations_per_peer` open (before a byte of
+    it is read); with a TLS context, connections are wrapped here and their handshake is left to the
+    association's thread."""
 
     receive_gate: ReceiveGate
     tls_context: ssl.SSLContext | None
     on_tls_refused: Callable[[], None]
+    config: NodeConfig
+    peers: weakref.WeakKeyDictionary[Any, str]  # open connections -> peer address
+    peers_lock: threading.Lock
 
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
@@ -196,27 +211,20 @@ class _GatedServer(ThreadedAssociationServer):
             client = self.tls_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
 
-
-class _BulkReadSocket(AssociationSocket):
-    """pynetdicom's association socket, reading each PDU into one buffer in large recv_into() calls."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Exactly `nr_bytes` (blocking), or what arrived before the peer closed the connection, as pynetdicom's."""
-        sock = self.socket
-        if sock is None:
-            return bytearray()
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            count = sock.recv_into(view[read:], min(nr_bytes - read, RECV_CHUNK_BYTES))
-            if not count:  # connection broken: what there is, as pynetdicom does
-                view.release()
-                del buffer[read:]
-                return buffer
-            read += count
-        view.release()
-        return buffer
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        with self.peers_lock:
+            open_from_peer = sum(1 for sock, peer in list(self.peers.items()) if peer == host and sock.fileno() >= 0)
+            if open_from_peer >= self.config.max_associations_per_peer:
+                log.warning(
+                    "DICOM connection from %s closed at once: %d associations from that address are open, the most "
+                    "one peer may have (BFD_DICOM_MAX_ASSOCIATIONS_PER_PEER)",
+                    printable(host, 64),
+                    open_from_peer,
+                )
+                return False  # socketserver closes it
+            self.peers[request] = host
+        return True
 
 
 class _WaitingMessageQueue(queue.Queue[Any]):
@@ -230,25 +238,32 @@ class _WaitingMessageQueue(queue.Queue[Any]):
         return super().get(True, ACCEPTOR_IDLE_WAIT_S) if not block else super().get(block, timeout)
 
 
-class _BulkReadHandler(RequestHandler):
-    """pynetdicom's request handler, with TCP_NODELAY, calmer idle polling (DUL and reactor) and the bulk-reading
-    socket under each association, after its TLS handshake (if any) succeeded in time."""
+class _BoundedHandler(RequestHandler):
+    """pynetdicom's request handler, with TCP_NODELAY, calmer idle polling (DUL and reactor), bounded PDU reads
+    and bounded receiving under each association, after its TLS handshake (if any) succeeded in time."""
 
     def handle(self) -> None:
+        server = cast(_GatedServer, self.server)
         if isinstance(self.request, ssl.SSLSocket) and not _handshake(self.request, self.client_address):
-            cast(_GatedServer, self.server).on_tls_refused()
-            return  # socketserver closes the connection
+            server.on_tls_refused()
+            server.shutdown_request(self.request)
+            return
         super().handle()
 
     def _create_association(self) -> Association:
         no_delay(self.request)  # dicom_node.tcp: answers go out at once
+        server = cast(_GatedServer, self.server)
         assoc = super()._create_association()
         assoc.dul._run_loop_delay = DUL_IDLE_POLL_S  # pynetdicom's documented knob for idle polling
         assoc.dimse.msg_queue = _WaitingMessageQueue()  # before the association's thread starts: nothing queued yet
-        bound_receiving(assoc.dimse, cast(_GatedServer, self.server).receive_gate)
-        socket = assoc.dul.socket
-        if type(socket) is AssociationSocket:
-            socket.__class__ = _BulkReadSocket  # same state, a faster recv(); nothing else changes
+        gate = server.receive_gate
+        bound(
+            assoc.dul,
+            max_pdata_bytes=MAX_PDU_BYTES,
+            allowed_aes=server.config.allowed_aes,
+            budget=PduCharge(gate.charge, gate.release),
+        )
+        bound_receiving(assoc.dimse, gate)
         return assoc
 
 

@@ -1,4 +1,4 @@
-"""The node's storage SCP as a socket: instances arrive byte-exact through its bulk-reading socket, every
+"""The node's storage SCP as a socket: instances arrive byte-exact through its bounded PDU reader, every
 DIMSE connection of the node (accepted, and the delivery's) has Nagle's algorithm off (`dicom_node.tcp`), an
 idle accepted association waits for messages rather than polling for them every millisecond, and what an
 arriving data set may keep in memory is bounded (`dicom_node.receiving`): a SOP class not analysed is never
@@ -31,9 +31,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from dicom_node.config import NodeConfig
+from dicom_node.pdu_reading import BoundedDUL
 from dicom_node.receiving import ReceiveGate, Withheld
 from dicom_node.scope import OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS
-from dicom_node.scp import MAX_PDU_BYTES, StorageSCP, _BulkReadSocket
+from dicom_node.scp import MAX_PDU_BYTES, StorageSCP
 from dicom_node.tcp import no_delay_on_open
 from loadtest.dicom_studies import make_study, part10_bytes, unsupported_instance
 
@@ -62,7 +63,7 @@ def _nodelay(sock: socket.socket | None) -> bool:
     return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
 
-async def test_a_large_instance_arrives_byte_exact_over_a_fast_socket_with_nodelay() -> None:
+async def test_a_large_instance_arrives_byte_exact_through_the_bounded_reader_with_nodelay() -> None:
     (ds,) = make_study(1, modality="DX", bits_stored=12, size=(1500, 1200))  # 3.6 MB of pixel data
     ds = pydicom.dcmread(io.BytesIO(part10_bytes(ds)))
     received: list[bytes] = []
@@ -73,7 +74,7 @@ async def test_a_large_instance_arrives_byte_exact_over_a_fast_socket_with_nodel
         assert scp is not None
         assert isinstance(data, bytes)
         sockets.extend(
-            (type(assoc.dul.socket), _nodelay(assoc.dul.socket.socket)) for assoc in scp._server.active_associations
+            (type(assoc.dul), _nodelay(assoc.dul.socket.socket)) for assoc in scp._server.active_associations
         )
         received.append(data)
         return SUCCESS, None
@@ -99,22 +100,7 @@ async def test_a_large_instance_arrives_byte_exact_over_a_fast_socket_with_nodel
     got = pydicom.dcmread(io.BytesIO(data))
     assert got.SOPInstanceUID == ds.SOPInstanceUID
     assert np.array_equal(got.pixel_array, ds.pixel_array)
-    assert sockets == [(_BulkReadSocket, True)]
-
-
-def test_a_connection_broken_mid_pdu_gives_what_arrived() -> None:
-    """As pynetdicom's own recv(): the bytes there were, so its state machine sees the PDU is short."""
-    ours, theirs = socket.socketpair()
-    reader = _BulkReadSocket.__new__(_BulkReadSocket)  # the read path alone, without an association
-    reader.socket = ours
-    try:
-        theirs.sendall(b"0123456789")
-        theirs.close()
-        got = reader.recv(1_000_000)
-        assert bytes(got) == b"0123456789"
-        assert isinstance(got, bytearray)
-    finally:
-        ours.close()
+    assert sockets == [(BoundedDUL, True)]
 
 
 def test_the_delivery_handler_turns_nagle_off_on_an_scu_association() -> None:
