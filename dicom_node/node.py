@@ -37,7 +37,7 @@ from dicom_node.sender import DeliveryLoop
 from dicom_node.spool import Spool, SpooledInstance
 from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector
 from dicom_node.tls import client_context, server_context
-from inference.dicom_header import read_dataset
+from inference.dicom_header import DicomError, brief
 from inference.errors import ImageError
 from inference.predictor import Predictor
 
@@ -45,6 +45,29 @@ log = logging.getLogger(__name__)
 
 PUT_RETRY_MAX_S = 30.0
 SHUTDOWN_PUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class InstanceKeys:
+    """What the door needs of an instance's header: its UIDs (no patient data)."""
+
+    sop_class: str
+    sop_instance: str
+    study_uid: str
+    syntax: str
+
+    @classmethod
+    def of(cls, header: Any) -> InstanceKeys:
+        meta = getattr(header, "file_meta", None)
+        try:  # pydicom converts values lazily: a broken one fails here
+            return cls(
+                str(header.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", "")),
+                str(header.get("SOPInstanceUID", "")),
+                str(header.get("StudyInstanceUID", "")),
+                str(getattr(meta, "TransferSyntaxUID", "")),
+            )
+        except Exception as error:
+            raise DicomError(f"its UIDs cannot be read: {type(error).__name__}: {brief(error)}") from error
 
 
 @dataclass(frozen=True)
@@ -150,20 +173,12 @@ class DicomNode:
         return receipt
 
     async def _receive(self, data: bytes, door: Door, calling_ae: str | None, peer: str | None) -> Receipt:
-        try:  # the core's guards: a deflate bomb is refused before it inflates, a broken file has a reason
-            header = read_dataset(
-                data,
-                force=door == "dimse",
-                max_inflated_bytes=self.predictor.config.max_image_decode_bytes,
-                stop_before_pixels=True,
-            )
-            meta = getattr(header, "file_meta", None)
-            sop_class = str(header.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
-            sop_instance = str(header.get("SOPInstanceUID", ""))
-            study_uid = str(header.get("StudyInstanceUID", ""))
-            syntax = str(getattr(meta, "TransferSyntaxUID", ""))
+        try:  # the core's guards, in a decode slot: a deflate bomb is refused before it inflates, a broken file
+            # has a reason, and nothing proportional to the instance's size runs on the event loop
+            keys = await self.predictor.decoder.read_header(data, force=door == "dimse", extract=InstanceKeys.of)
         except ImageError as error:
             return Receipt(CANNOT_UNDERSTAND, "", "", f"not a readable DICOM Part 10 instance: {error}")
+        sop_class, sop_instance, study_uid, syntax = keys.sop_class, keys.sop_instance, keys.study_uid, keys.syntax
         if not (sop_class and sop_instance and study_uid):
             return Receipt(
                 CANNOT_UNDERSTAND, sop_class, sop_instance, "SOP Class, SOP Instance and Study Instance UIDs needed"

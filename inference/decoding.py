@@ -21,13 +21,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from inference.bundle import InputContract
 from inference.codec_pool import CodecPool
 from inference.config import PredictorConfig
 from inference.decode_plan import with_slack
-from inference.dicom_file import InflationNotBudgetedError, looks_like_dicom, parse_overhead_bytes
+from inference.dicom_file import InflationNotBudgetedError, inflation_cap, looks_like_dicom, parse_overhead_bytes
+from inference.dicom_header import read_dataset
 from inference.events import PredictorEvents
 from inference.memory_budget import BudgetExceededError, ByteBudget
 from inference.preprocessing import DecodePlan, PreparedImage, plan_decode, prepare_image
@@ -137,6 +138,27 @@ class Decoder:
             await self.memory.take(working)
         return plan, working
 
+    async def read_header(self, data: bytes, *, force: bool, extract: Callable[[Any], T]) -> T:
+        """`extract(dataset)` of `data`'s DICOM data set read without its pixel data, in a slot under a hold of the
+        decode budget (a door's look at an instance's attributes: never on the event loop, whatever its size or
+        layout); `extract` runs there too, so only what it returns outlives the hold. ImageError if unreadable."""
+        read = partial(
+            read_dataset,
+            data,
+            force=force,
+            max_inflated_bytes=inflation_cap(self.config.max_image_decode_bytes),
+            stop_before_pixels=True,
+        )
+        wanted = parse_hold_bytes(data, True)
+        inflation = 0
+        while True:
+            try:
+                async with self.memory.hold(min(wanted, self.memory.total)):
+                    return await self.in_pool(partial(_extracted, extract, read, inflation))
+            except InflationNotBudgetedError as needed:
+                inflation = needed.inflated_bytes
+                wanted += INFLATED_COPIES * inflation
+
     def _working_bytes(self, plan: DecodePlan) -> int:
         """The plan's working memory, plus the frame's trip back from a codec worker (pickled, then unpickled)."""
         header = plan.dicom
@@ -159,6 +181,10 @@ class Decoder:
                     if not result.cancelled():
                         result.exception()  # retrieved: nobody wants it any more
                 raise
+
+
+def _extracted(extract: Callable[[Any], T], read: Callable[..., Any], inflation: int) -> T:
+    return extract(read(inflation_budget_bytes=inflation))
 
 
 def parse_hold_bytes(data: bytes, dicom: bool) -> int:

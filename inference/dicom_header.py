@@ -79,12 +79,17 @@ def read_dataset(
     force: bool = False,
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     stop_before_pixels: bool = False,
+    inflation_budget_bytes: int | None = None,
 ) -> Any:
     """pydicom's dataset of `data` within `inference.dicom_file`'s caps, for a door that needs only attributes (the
     DICOM node's UIDs): a deflated data set is inflated under `max_inflated_bytes` (ImageTooLargeError past it),
     and every reading failure is a DicomError with a reason."""
     return read_part10(
-        data, force=force, max_inflated_bytes=max_inflated_bytes, stop_before_pixels=stop_before_pixels
+        data,
+        force=force,
+        max_inflated_bytes=max_inflated_bytes,
+        stop_before_pixels=stop_before_pixels,
+        inflation_budget_bytes=inflation_budget_bytes,
     ).dataset
 
 

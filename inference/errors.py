@@ -23,6 +23,19 @@ class InferenceError(Exception):
         return named
 
 
+def forget_traceback(error: BaseException) -> None:
+    """Drop the tracebacks of `error` and of the errors it came from. A traceback holds every frame it passed
+    through with their locals (an upload's bytes, a parsed data set), and the frames that caught the error hold
+    it back: a cycle, freed only when the garbage collector next runs its oldest generation. Whoever keeps an
+    error past its handling (to report it later) keeps only the error, then."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+
+
 class ImageError(InferenceError, ValueError):
     """The bytes cannot become a model input."""
 

@@ -9,6 +9,7 @@ import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -169,7 +170,9 @@ async def admitted(
         predictor.check_capacity(1)  # a refused request costs neither bandwidth nor decoding
         reader.reserve_declared(int(declared) if declared.isdigit() else None)
         body = await reader.read(request.receive)
-        uploads = await _parse(request, media_type, body, body_part, heatmap, settings.max_images_per_request)
+        uploads = await _parse(
+            request, predictor, media_type, body, body_part, heatmap, settings.max_images_per_request
+        )
         uploads = [_echo_safe(upload) for upload in uploads]
         del body  # the uploads hold what the answer needs
         tickets = predictor.admit(len(uploads))
@@ -203,10 +206,16 @@ def _count_upload_refusal(metrics: Metrics, error: ServiceError) -> None:
 
 
 async def _parse(
-    request: Request, media_type: str, body: bytes, body_part: str | None, heatmap: bool, max_images: int
+    request: Request,
+    predictor: Predictor,
+    media_type: str,
+    body: bytes,
+    body_part: str | None,
+    heatmap: bool,
+    max_images: int,
 ) -> list[Upload]:
-    if media_type == "application/json":
-        return [_parse_json(body, body_part, heatmap)]
+    if media_type == "application/json":  # JSON and base64 of up to 30 MB: a decode slot, not the event loop
+        return [await predictor.decoder.in_pool(partial(_parse_json, body, body_part, heatmap))]
     if media_type in IMAGE_MEDIA_TYPES:
         name = request.headers.get("x-image-name", "image")
         return [Upload(body, name, body_part, heatmap, dicom=media_type == "application/dicom")]

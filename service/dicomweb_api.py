@@ -10,6 +10,7 @@ when none was for lack of room now. 503 as well when the node is off (no BFD_DIC
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -62,8 +63,8 @@ async def stow(request: Request) -> Response:
         declared = request.headers.get("content-length", "")
         reader.reserve_declared(int(declared) if declared.isdigit() else None)
         body = await reader.read(request.receive)
-        try:
-            parts = dicom_parts(content_type, body)
+        try:  # in a decode slot: parsing is proportional to the body, and the event loop must stay free
+            parts = await node.predictor.decoder.in_pool(partial(dicom_parts, content_type, body))
         except StowRequestError as error:
             raise ServiceError(400, "malformed_stow_request", str(error)) from error
         del body

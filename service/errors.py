@@ -23,6 +23,7 @@ from inference.errors import (
     InferenceFailedError,
     UnknownBodyPartError,
     UnsupportedImageFormatError,
+    forget_traceback,
 )
 
 if TYPE_CHECKING:
@@ -152,6 +153,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
         @app.exception_handler(kind)
         async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+            # its traceback held the request's frames (body, upload, parsed image) in a cycle until the next
+            # collection of the oldest generation: a refused 30 MB upload stayed in memory that long
+            forget_traceback(error)
             return respond(request, http_error(error))
 
     @app.exception_handler(RequestValidationError)

@@ -6,6 +6,8 @@ instance sent again replaces the first one's analysis."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import io
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,11 +16,12 @@ import pydicom
 import pytest
 from factories import build_tiny_bundle
 
-from dicom_node.analysis import HEADER_ALLOWANCE_BYTES, StudyAnalyser, StudyOutcome
+from dicom_node.analysis import ANSWER_ALLOWANCE_BYTES, Refused, StudyAnalyser, StudyOutcome
 from dicom_node.object_builder import ObjectBuilder
 from dicom_node.studies import ReceivedInstance, ReceivedStudy, StudyCollector
 from inference.bundle import load_bundle
 from inference.config import PredictorConfig
+from inference.dicom_objects.patient_study import RESULTS_HEADER, header_bytes
 from inference.predictor import Predictor
 from loadtest.dicom_studies import make_study, part10_bytes
 
@@ -72,19 +75,22 @@ async def test_an_instance_is_analysed_while_its_study_is_still_arriving(analyse
     assert first.data == second.data == b""  # their bytes let go once analysed, not when the study is answered
     kept = 0
     for task in early.values():
-        result, explained = task.result()
+        result, explained, header_size = task.result()
         assert result.prepared.dicom is not None
         assert result.upload.data == b""  # the received bytes let go once analysed...
-        assert "PixelData" not in result.prepared.dicom.dataset  # ...and the parsed pixel data...
+        header = result.prepared.dicom.dataset
+        assert "PixelData" not in header  # ...and the parsed pixel data, and all but what the objects read...
+        assert set(header.dir()) <= set(RESULTS_HEADER)
+        assert header_size == header_bytes(header)
         assert result.prepared.dicom.pixels.size == 0  # ...and the full-size rendering
         assert result.prepared.display is None  # ...with the display image and the feature map
         assert result.prediction.feature_map is None
         assert explained.cam is not None
         assert explained.overlay_rgb is not None
-        kept += explained.overlay_rgb.nbytes + explained.cam.nbytes + result.prepared.pixels.nbytes
+        kept += explained.overlay_rgb.nbytes + explained.cam.nbytes + result.prepared.pixels.nbytes + header_size
     # what the analyses keep for the study's answer still counts against the budget, until it is answered
     # (these small test images are smaller than that; a 10 MB radiograph keeps about 1 MB)
-    assert collector.held_bytes == kept + 2 * HEADER_ALLOWANCE_BYTES
+    assert collector.held_bytes == kept + 2 * ANSWER_ALLOWANCE_BYTES
 
     collector.add(third)  # the third instance completes the study
     analyser.begin(third, collector.analysed)
@@ -135,3 +141,26 @@ async def test_an_instance_that_cannot_be_decoded_is_reported_and_the_rest_answe
     assert [image["sop_instance_uid"] for image in outcome.images] == [good.sop_instance_uid]
     assert [r["sop_instance_uid"] for r in outcome.refused] == [broken.sop_instance_uid]
     assert outcome.refused[0]["reason"]
+
+
+async def test_a_refused_instance_keeps_nothing_of_its_attempt(analyser: StudyAnalyser) -> None:
+    """Before: a refused decode's error kept its traceback, whose frames held the upload's bytes and the parsed
+    data set until the study was answered, while it counted 0 bytes against the budget."""
+    (bad,) = _instances(1)
+    broken = ReceivedInstance(**{**bad.__dict__, "data": bad.data[: len(bad.data) // 2]})
+    gc.collect()
+    gc.disable()  # freed by reference counting, at once: not left to a collection of the oldest generation
+    try:
+        analyser.begin(broken)
+        task = analyser._early[id(broken)]
+        await _until(task.done)
+        refused = task.result()
+        data = broken.data
+        here = inspect.currentframe()
+        referrers = [type(r).__name__ for r in gc.get_referrers(data) if r is not broken and r is not here]
+        del here
+    finally:
+        gc.enable()
+    assert isinstance(refused, Refused)
+    assert refused.reason
+    assert referrers == []  # nothing of the failed attempt holds the instance's bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 PATIENT_MODULE = (
@@ -54,6 +55,48 @@ IMAGE_HEADER = (
     "WindowCenterWidthExplanation", "VOILUTFunction", "VOILUTSequence", "PatientOrientation",
 )  # fmt: skip
 CONSTRUCTION_CHARSET = "ISO_IR 192"  # UTF-8 holds any decoded value; the source's own set is restored after
+# Everything the result objects read of a source (and the series and patient-study attributes they may copy):
+# what a study waiting for its answer keeps of each instance (`results_header`), nothing else.
+RESULTS_HEADER = (
+    *IDENTITY, *IMAGE_HEADER, "SpecificCharacterSet", "SmallestImagePixelValue", "LargestImagePixelValue",
+    "Laterality", "ImageLaterality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSize", "PatientWeight",
+)  # fmt: skip
+ELEMENT_OVERHEAD_BYTES = 400  # pydicom's objects per element besides its value (inference.dicom_file)
+
+
+def results_header(source: Dataset) -> Dataset:
+    """The part of `source` the result objects read (RESULTS_HEADER: no pixel data, no private or other
+    elements), with its file meta and original encoding; elements are shared, `source` is untouched."""
+    kept = Dataset()
+    for keyword in RESULTS_HEADER:
+        tag = tag_for_keyword(keyword)
+        if tag is not None and tag in source:
+            kept[tag] = source.get_item(tag)  # the raw element: nothing converted here
+    if hasattr(source, "file_meta"):
+        kept.file_meta = source.file_meta
+    implicit, little = source.original_encoding
+    if implicit is not None and little is not None:
+        kept.set_original_encoding(implicit, little, source.original_character_set)
+    return kept
+
+
+def header_bytes(dataset: Dataset) -> int:
+    """About what `dataset` holds in memory: its values' bytes and pydicom's objects, sequences included."""
+    total = 0
+    stack = [dataset]
+    while stack:
+        current = stack.pop()
+        for element in current.elements():
+            total += ELEMENT_OVERHEAD_BYTES
+            value = element.value
+            if isinstance(value, bytes | bytearray | str):
+                total += len(value)
+            elif isinstance(value, list):  # a Sequence of items, or a multi-value
+                stack.extend(item for item in value if isinstance(item, Dataset))
+                total += sum(len(str(item)) for item in value if not isinstance(item, Dataset))
+            elif value is not None:
+                total += len(str(value))
+    return total
 
 
 def stand_in(source: Dataset) -> Dataset:
