@@ -42,6 +42,10 @@ from inference.results import DicomAnswer, HeatmapAnswer, ImagePrediction, Study
 
 log = logging.getLogger(__name__)
 
+# A client's value quoted in an error is cut to this many characters (its length said): every door passes the
+# message on, and a 900 KB body_part came back whole. The HTTP door's `service.errors.shorten` keeps the same form.
+MAX_QUOTED_CHARS = 100
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -190,7 +194,7 @@ class Predictor:
             for upload in uploads:
                 if upload.body_part is not None and upload.body_part not in self.manifest.body_parts:
                     raise UnknownBodyPartError(
-                        f"{upload.name}: unknown body_part {upload.body_part!r}; "
+                        f"{upload.name}: unknown body_part {_shortened(upload.body_part)!r}; "
                         f"this bundle knows {self.manifest.body_parts}"
                     )
             started = time.perf_counter()
@@ -367,6 +371,14 @@ class Predictor:
         )
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return [_Answer(p, elapsed_ms, len(items)) for p in predictions]
+
+
+def _shortened(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`value` whole when at most `limit` characters, else its start, an ellipsis and its length: `limit` at most."""
+    if len(value) <= limit:
+        return value
+    tail = f"… ({len(value):,} characters)"
+    return value[: max(0, limit - len(tail))] + tail
 
 
 def _p_under(prediction: ItemPrediction, part: str) -> float | None:

@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from inference.bundle import BundleError, load_bundle
     from service.http_server import serve
     from service.main import create_app
-    from service.settings import Settings, problem_lines, unknown_variables
+    from service.settings import Settings
+    from service.startup_checks import check_environment, problem_lines, unknown_variables
 
     overrides = {
         key: value
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as error:
         # mistyped names too: a value meant for a setting often went to a name nobody reads
         return _refuse(problem_lines(error, flags=overrides) + unknown_variables(os.environ))
-    if problems := settings.check_environment():
+    if problems := check_environment(settings):
         return _refuse(problems)
     try:
         bundle = load_bundle(settings.bundle)  # refuse to start on a missing, corrupt or tampered bundle, clearly

@@ -19,7 +19,7 @@ What clients see is generic (`StoreUnavailableError`'s message: no host, port, u
 the driver's error and the URL, password hidden, go to the log only.
 
 SQLite is held by this process alone, so that no fault of its files can take the process down or lose data
-silently:
+silently (the file's part, its pragmas, identity and one-store registry, is `service.store_file`'s):
 - `locking_mode=EXCLUSIVE` before WAL: SQLite keeps the WAL index in heap memory and never creates or maps a
   `-shm` file (a truncated or immutable `-shm` made the service die of SIGBUS); mmap stays off. The price: no
   other process can open the file while the service runs (a second store of this process on it is refused at
@@ -42,23 +42,29 @@ import logging
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.store_file import (
+    SQLITE_BUSY_TIMEOUT_S,
+    DatabaseFile,
+    hold,
+    raise_id_counters,
+    release,
+    sqlite_pragmas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +73,7 @@ CONNECT_TIMEOUT_S = 5.0
 MIGRATION_TIMEOUT_S = 30.0
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
-SQLITE_BUSY_TIMEOUT_S = 30  # a writer waits this long for SQLite's lock (another process holding the file)
+MAX_BACKOFF_DOUBLINGS = 64  # 2**64 times any sane initial back-off is past any maximum, far from overflowing
 POOL_TIMEOUT_S = 30.0  # a SQLite call waits this long for the store's one connection: concurrent posts queue
 # The largest id and offset the store is asked for: `analyses.id` is a 32-bit integer in PostgreSQL.
 MAX_ROW_NUMBER = 2**31 - 1
@@ -172,7 +178,7 @@ def _engine(url_text: str) -> AsyncEngine:
             path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(url, connect_args=_connect_args(url), pool_pre_ping=not sqlite, **pool)
     if sqlite:
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas)
     return engine
 
 
@@ -238,12 +244,12 @@ class ResultsStore:
         if self._probing:  # one probe at a time; the others are refused rather than queued behind it
             raise StoreUnavailableError(_retry_message(1), 1)
         if self._file is not None:
-            if (holder := _hold(self._file.path, self)) is not None:
+            if (holder := hold(self._file.path, self)) is not None:
                 self._failed(OSError(holder), "opening its database file")
                 raise self._refusal(self.clock())
             try:
                 self._file.set_aside_wal()
-                waiting = self._lost is not None and (_identity(self._file.path) is None or self._file.orphaned_wal())
+                waiting = self._lost is not None and (self._file.missing() or self._file.orphaned_wal())
             except OSError as error:  # a path that cannot even be looked at (permissions): the log says so
                 self._failed(error, "looking at its database file")
                 raise self._refusal(self.clock()) from error
@@ -287,7 +293,7 @@ class ResultsStore:
         ):
             await connection.run_sync(_upgrade_to_head)
             if self._file is not None and self._highest_ids:
-                await connection.run_sync(_raise_id_counters, dict(self._highest_ids))
+                await connection.run_sync(raise_id_counters, dict(self._highest_ids))
 
     def _refusal(self, now: float) -> StoreUnavailableError:
         seconds = max(1, math.ceil(self._retry_at - now))
@@ -302,7 +308,7 @@ class ResultsStore:
             log.debug("results store still unavailable (%s)", type(error).__name__)
             return
         self._failures += 1
-        delay_s = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (self._failures - 1))
+        delay_s = backoff_delay_s(self._failures, self.backoff_initial_s, self.backoff_max_s)
         self._retry_at = now + delay_s
         detail = _first_line(getattr(error, "orig", None) or error)
         if quiet:
@@ -456,7 +462,17 @@ class ResultsStore:
         if self._file is not None:  # deleted or replaced since the last call: leave no -wal for the next start
             with contextlib.suppress(OSError):
                 self._file.set_aside_wal()
-            _release(self._file.path, self)
+            release(self._file.path, self)
+
+
+def backoff_delay_s(failures: int, initial_s: float, max_s: float) -> float:
+    """The back-off after `failures` failed calls in a row: `initial_s` doubling per failure, up to `max_s`.
+
+    The exponent is capped (as `dicom_node.sender.retry_delay_s` caps the delivery retries'): `2.0 ** 1024`
+    overflows, and a database down for a weekend at one probe per `max_s` fails more often than that.
+    """
+    doublings = min(max(failures - 1, 0), MAX_BACKOFF_DOUBLINGS)
+    return min(max_s, initial_s * 2.0**doublings)
 
 
 def _retry_message(seconds: int) -> str:
@@ -466,127 +482,6 @@ def _retry_message(seconds: int) -> str:
 def _first_line(error: object) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else "no detail"
-
-
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    """EXCLUSIVE before WAL, on the connection's first access: SQLite then keeps the WAL index in heap memory
-    and never maps a `-shm` file, whose truncation would kill the process with SIGBUS (mmap off for the same
-    reason); WAL for crash safety; busy_timeout makes a second process wait before it is refused."""
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA locking_mode=EXCLUSIVE")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
-    cursor.execute("PRAGMA mmap_size=0")
-    cursor.close()
-
-
-Identity = tuple[int, int]  # (st_dev, st_ino)
-
-
-def _identity(path: Path) -> Identity | None:
-    try:
-        found = path.stat()
-    except (FileNotFoundError, NotADirectoryError):  # no file there
-        return None
-    return found.st_dev, found.st_ino
-
-
-class DatabaseFile:
-    """A SQLite store's file and its write-ahead log, for noticing them deleted or replaced (a stat each)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.wal = path.with_name(path.name + "-wal")
-        self.seen: tuple[Identity | None, Identity | None] | None = None  # when the store last became ready
-
-    def remember(self) -> None:
-        self.seen = (_identity(self.path), _identity(self.wal))
-
-    def change(self) -> str | None:
-        """What happened to the files since `remember` ('its database file was deleted', ...), or None."""
-        if self.seen is None:
-            return None
-        main, wal = self.seen
-        now = _identity(self.path)
-        if now != main:
-            return f"its database file was {'deleted' if now is None else 'replaced'}"
-        if wal is not None and _identity(self.wal) != wal:
-            return "its write-ahead log (-wal) was deleted or replaced"
-        return None
-
-    def orphaned_wal(self) -> bool:
-        """Whether the -wal at the path belongs to no file there: none is, or it is the one seen with a file
-        that has gone. SQLite would replay it into whatever database is opened at the path next."""
-        wal = _identity(self.wal)
-        if wal is None:
-            return False
-        main = _identity(self.path)
-        if main is None:
-            return True
-        return self.seen is not None and main != self.seen[0] and wal == self.seen[1]
-
-    def set_aside_wal(self) -> Path | None:
-        """Move an orphaned -wal (`orphaned_wal`) away from the path, keeping it for whoever wants to look;
-        its new name, or None when there was none to move or it could not be moved (logged)."""
-        if not self.orphaned_wal():
-            return None
-        aside = self.wal.with_name(f"{self.wal.name}.orphaned-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
-        try:
-            os.replace(self.wal, aside)
-        except OSError as error:
-            log.error("results store: could not move the orphaned %s aside (%s); remove it", self.wal, error)
-            return None
-        log.warning("results store: moved %s, which belongs to no database file there, aside to %s", self.wal, aside)
-        return aside
-
-    def open_existing_only(self, _dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
-        """Once the store has been ready, connect with `mode=rw`: SQLite then refuses a missing file instead of
-        creating an empty one (ids from 1 again, under the same path). And never next to an orphaned -wal,
-        which SQLite would replay into the file. A DialectEvents.do_connect listener."""
-        if self.orphaned_wal():
-            raise sqlite3.OperationalError(f"{self.wal} belongs to no database file there: move it aside first")
-        if self.seen is not None:
-            cargs[:] = [f"file:{quote(str(self.path))}?mode=rw"]
-            cparams["uri"] = True
-
-
-def _raise_id_counters(connection: Any, highest: dict[str, int]) -> None:
-    """Move AUTOINCREMENT counters up to `highest` (table -> id): an adopted file (a backup restored) must not
-    hand out again an id this process handed out from the file it replaced."""
-    for table, seq in highest.items():
-        params = {"name": table, "seq": seq}
-        connection.execute(text("UPDATE sqlite_sequence SET seq = :seq WHERE name = :name AND seq < :seq"), params)
-        connection.execute(
-            text(
-                "INSERT INTO sqlite_sequence (name, seq) SELECT :name, :seq "
-                "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = :name)"
-            ),
-            params,
-        )
-
-
-# The SQLite files held by a store of this process (the lock is the connection's, so a second store on one file
-# would wait out the busy timeout and fail): a second store is refused at once, saying why.
-_HELD: weakref.WeakValueDictionary[Path, ResultsStore] = weakref.WeakValueDictionary()
-_HOLDING = threading.Lock()
-
-
-def _hold(path: Path, store: ResultsStore) -> str | None:
-    """Hold `path` for `store`; None when it may, else why not (another store of this process holds it)."""
-    with _HOLDING:
-        holder = _HELD.setdefault(path, store)
-    if holder is store:
-        return None
-    return (
-        f"another results store of this process holds {path} (a SQLite file is one store's alone: "
-        "one app per file, or PostgreSQL)"
-    )
-
-
-def _release(path: Path, store: ResultsStore) -> None:
-    with _HOLDING:
-        if _HELD.get(path) is store:
-            del _HELD[path]
 
 
 # Alembic keeps its migration context in module globals, so two stores migrating at once in one process (two

@@ -31,16 +31,30 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_bundle(tmp_path_factory.mktemp("security") / "bundle")
 
 
+def own_database(tmp_path_factory: pytest.TempPathFactory, name: str) -> str:
+    """A SQLite file of the app's own: the two module-scoped apps are alive at once, and a SQLite file is one
+    store's alone (the second app on conftest's shared file answered every storage call 503)."""
+    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp(name) / 'results.sqlite3'}"
+
+
 @pytest.fixture(scope="module")
-def locked(bundle: Path) -> Iterator[TestClient]:
-    app = create_app(Settings(bundle=bundle, api_key=KEY, cors_origins=["https://viewer.example.org"]))
+def locked(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    app = create_app(
+        Settings(
+            bundle=bundle,
+            api_key=KEY,
+            cors_origins=["https://viewer.example.org"],
+            database_url=own_database(tmp_path_factory, "locked"),
+        )
+    )
     with TestClient(app) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def open_client(bundle: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(Settings(bundle=bundle))) as client:
+def open_client(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    configured = Settings(bundle=bundle, database_url=own_database(tmp_path_factory, "open"))
+    with TestClient(create_app(configured)) as client:
         yield client
 
 

@@ -21,6 +21,14 @@ from factories import build_tiny_bundle, encode_png, image_for_part
 from pydantic import ValidationError
 
 from service.settings import Settings
+from service.startup_checks import (
+    OTHER_BFD_VARIABLES,
+    SERVICE_LINK,
+    check_environment,
+    known_variables,
+    problem_lines,
+    resolve_bind_address,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BFD = [sys.executable, "-m", "bfd.cli"]
@@ -154,7 +162,7 @@ def test_one_port_on_two_addresses_or_any_free_port_is_fine() -> None:
 
 def test_names_of_one_address_on_one_port_are_caught_at_start_up() -> None:
     settings = Settings(dicom_destination="PACS@127.0.0.1:104", port=8000, dicom_port=8000, dicom_host="localhost")
-    problems = settings.check_environment(environ={})
+    problems = check_environment(settings, environ={})
     assert any(problem.startswith("BFD_DICOM_PORT:") for problem in problems), problems
 
 
@@ -162,13 +170,11 @@ def test_names_of_one_address_on_one_port_are_caught_at_start_up() -> None:
 def test_a_bind_address_that_does_not_resolve_is_named(field: str, name: str) -> None:
     """An unresolvable BFD_DICOM_HOST loaded the bundle, then crashed at the SCP's bind (exit 3)."""
     settings = Settings(**NODE_FIELDS, **{field: "no-such-host.invalid"})  # .invalid never resolves (RFC 6761)
-    problems = settings.check_environment(environ={})
+    problems = check_environment(settings, environ={})
     assert [p for p in problems if p.startswith(f"{name}:") and "no-such-host.invalid" in p], problems
 
 
 def test_numeric_addresses_need_no_resolver() -> None:
-    from service.settings import resolve_bind_address
-
     # timeout 0: a name would be reported as not resolving in time; a numeric address is answered at once
     assert resolve_bind_address("192.0.2.7", timeout_s=0) == {"192.0.2.7"}
     assert resolve_bind_address("::1", timeout_s=0) == {"::1"}
@@ -180,7 +186,7 @@ def test_good_settings_pass_the_start_up_check(tmp_path: Path) -> None:
     settings = Settings(
         **NODE_FIELDS, dicom_spool_dir=tmp_path / "new" / "spool", dicom_audit_log=tmp_path / "logs" / "audit.jsonl"
     )
-    assert settings.check_environment(environ={"BFD_LOG_LEVEL": "debug", "PATH": "/bin"}) == []
+    assert check_environment(settings, environ={"BFD_LOG_LEVEL": "debug", "PATH": "/bin"}) == []
 
 
 # --- concurrency --------------------------------------------------------------------------------------------
@@ -225,7 +231,7 @@ def test_a_spool_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
     a_file = tmp_path / "spool"
     a_file.write_text("not a folder")
     for spool in (a_file, a_file / "below"):
-        problems = Settings(**NODE_FIELDS, dicom_spool_dir=spool).check_environment(environ={})
+        problems = check_environment(Settings(**NODE_FIELDS, dicom_spool_dir=spool), environ={})
         assert [p for p in problems if p.startswith("BFD_DICOM_SPOOL_DIR:")], problems
 
 
@@ -233,14 +239,14 @@ def test_an_audit_log_that_is_a_folder_or_under_a_file_is_named(tmp_path: Path) 
     a_file = tmp_path / "file"
     a_file.write_text("")
     for audit in (tmp_path, a_file / "audit.jsonl"):
-        problems = Settings(**NODE_FIELDS, dicom_audit_log=audit).check_environment(environ={})
+        problems = check_environment(Settings(**NODE_FIELDS, dicom_audit_log=audit), environ={})
         assert [p for p in problems if p.startswith("BFD_DICOM_AUDIT_LOG:")], problems
 
 
 def test_node_paths_are_not_checked_while_the_node_is_off(tmp_path: Path) -> None:
     a_file = tmp_path / "spool"
     a_file.write_text("")
-    assert Settings(dicom_spool_dir=a_file, dicom_audit_log=tmp_path).check_environment(environ={}) == []
+    assert check_environment(Settings(dicom_spool_dir=a_file, dicom_audit_log=tmp_path), environ={}) == []
 
 
 # --- unknown BFD_* variables --------------------------------------------------------------------------------
@@ -248,7 +254,7 @@ def test_node_paths_are_not_checked_while_the_node_is_off(tmp_path: Path) -> Non
 
 def test_a_mistyped_setting_is_named_with_the_nearest_known_one() -> None:
     """BFD_DICOM_QIUET_S=3 was ignored without a word (pydantic-settings reads the fields' names only)."""
-    problems = Settings().check_environment(environ={"BFD_DICOM_QIUET_S": "3", "bfd_max_wiat_ms": "2"})
+    problems = check_environment(Settings(), environ={"BFD_DICOM_QIUET_S": "3", "bfd_max_wiat_ms": "2"})
     assert problems == [
         "BFD_DICOM_QIUET_S: no such setting (did you mean BFD_DICOM_QUIET_S?)",
         "bfd_max_wiat_ms: no such setting (did you mean BFD_MAX_WAIT_MS?)",
@@ -256,17 +262,13 @@ def test_a_mistyped_setting_is_named_with_the_nearest_known_one() -> None:
 
 
 def test_every_setting_and_every_variable_the_project_reads_is_known() -> None:
-    from service.settings import OTHER_BFD_VARIABLES
-
     environ = {f"BFD_{name.upper()}": "x" for name in Settings.model_fields} | dict.fromkeys(OTHER_BFD_VARIABLES, "1")
-    assert Settings().check_environment(environ=environ) == []
+    assert check_environment(Settings(), environ=environ) == []
 
 
 def test_the_allow_list_covers_the_repository() -> None:
     """Every BFD_ name in the project's code and deployment files is a setting or on OTHER_BFD_VARIABLES, so that
     a variable the project reads never stops `bfd serve`."""
-    from service.settings import SERVICE_LINK, known_variables
-
     not_variables = {"BFD_RESULT"}  # inference/dicom_objects: a GSPS layer and content label, not a variable
     listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
     if listed.returncode != 0:
@@ -281,11 +283,11 @@ def test_the_allow_list_covers_the_repository() -> None:
                 found.setdefault(variable, name)
     known = known_variables() | not_variables
     unknown = {v: where for v, where in found.items() if v not in known and not SERVICE_LINK.fullmatch(v)}
-    assert not unknown, f"add these to service/settings.py OTHER_BFD_VARIABLES (or make them settings): {unknown}"
+    assert not unknown, f"add these to service/startup_checks.py OTHER_BFD_VARIABLES (or make them settings): {unknown}"
 
 
 def test_kubernetes_service_links_are_recognised() -> None:
-    problems = Settings().check_environment(environ={"BFD_SERVICE_HOST": "10.0.0.7", "BFD_PORT_80_TCP_ADDR": "x"})
+    problems = check_environment(Settings(), environ={"BFD_SERVICE_HOST": "10.0.0.7", "BFD_PORT_80_TCP_ADDR": "x"})
     assert len(problems) == 2
     assert all("enableServiceLinks: false" in problem for problem in problems)
 
@@ -326,8 +328,6 @@ def test_association_limits_are_checked(monkeypatch: pytest.MonkeyPatch, env: di
 def test_messages_name_each_setting_on_a_line_and_keep_secrets_and_huge_values_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from service.settings import problem_lines
-
     huge = "9" * 100_000
     monkeypatch.setenv("BFD_MAX_UPLOAD_BYTES", huge + "x")
     monkeypatch.setenv("BFD_MAX_WAIT_MS", "nan")

@@ -30,7 +30,14 @@ from sqlalchemy import create_engine
 from test_store_faults import SteppedClock
 
 from loadtest.servers import Server, bfd_serve
-from service.store import BACKOFF_MAX_S, MIGRATIONS_DIR, NewAnalysis, ResultsStore, StoreUnavailableError
+from service.store import (
+    BACKOFF_MAX_S,
+    MIGRATIONS_DIR,
+    NewAnalysis,
+    ResultsStore,
+    StoreUnavailableError,
+    backoff_delay_s,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -285,6 +292,32 @@ async def test_a_second_store_of_the_process_on_the_file_is_refused_at_once(
     finally:
         await first.close()
         await second.close()
+
+
+def test_the_back_off_doubles_up_to_its_ceiling_and_never_overflows() -> None:
+    """`initial * 2 ** (failures - 1)` raised OverflowError from the 1025th failure in a row on."""
+    assert [backoff_delay_s(n, 1.0, 30.0) for n in (0, 1, 2, 3, 5, 6)] == [1.0, 1.0, 2.0, 4.0, 16.0, 30.0]
+    for failures in (1024, 1025, 10**6, 10**18):
+        assert backoff_delay_s(failures, 1.0, 30.0) == 30.0
+    assert backoff_delay_s(10**6, 1e-9, 1e300) == 1e-9 * 2.0**64  # a tiny start still ends finite
+
+
+async def test_a_store_failing_past_a_thousand_times_in_a_row_still_backs_off(tmp_path: Path) -> None:
+    """A store kept off its file for a long time (here: another store of the process holds it, the cheapest
+    failure there is) keeps answering StoreUnavailableError with the longest back-off, never OverflowError."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'results.sqlite3'}"
+    clock = SteppedClock()
+    holder, kept_off = ResultsStore(url), ResultsStore(url, clock=clock)
+    try:
+        await holder.ensure_ready()
+        for _ in range(1100):
+            with pytest.raises(StoreUnavailableError) as refused:
+                await kept_off.ensure_ready()
+            clock.advance(BACKOFF_MAX_S)
+        assert refused.value.retry_after_s == BACKOFF_MAX_S
+    finally:
+        await holder.close()
+        await kept_off.close()
 
 
 # --- ids are never reused ---------------------------------------------------------------------------------------
