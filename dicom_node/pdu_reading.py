@@ -109,7 +109,8 @@ class BoundedDUL(DULServiceProvider):
             _check_length(pdu_type, length, self.max_pdata_bytes)
             deadline = time.monotonic() + PDU_BASE_S + length / MIN_BYTES_PER_S
             body = _read(sock, length, deadline, self._charge if pdu_type == P_DATA else None)
-            if len(body) < length:
+            if len(body) < length:  # closed by the peer mid-PDU
+                self.release_charge()
                 self.event_queue.put("Evt17")
                 return
             if pdu_type == A_ASSOCIATE_RQ and (refusal := self._association_refusal(body)) is not None:

@@ -370,3 +370,27 @@ def _metric(server: Server, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     return float("nan")
+
+
+def test_a_pdu_stalled_mid_data_is_cut_off_and_its_charge_given_back(node: Server) -> None:
+    """A P-DATA-TF's bytes count against the held-bytes budget as they arrive; a peer that stops sending them
+    is cut off within seconds, and what it had sent is given back."""
+    sock = _connect(node)
+    sock.sendall(associate_rq(ALLOWED.encode(), 1))
+    sock.settimeout(15)
+    assert sock.recv(65536)[:1] == b"\x02"  # A-ASSOCIATE-AC
+    announced = 2 * MiB
+    sock.sendall(struct.pack(">BBI", 0x04, 0, announced) + bytes(announced // 2))
+    deadline = time.monotonic() + 10
+    while _metric(node, "bfd_dicom_receiving_bytes") < announced // 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(node, "bfd_dicom_receiving_bytes") >= announced // 2  # charged while it arrives
+    answer = _closed_by_peer(sock, 30)
+    sock.close()
+    assert answer is not None
+    assert answer[:1] in (b"", b"\x07")
+    deadline = time.monotonic() + 10
+    while _metric(node, "bfd_dicom_receiving_bytes") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(node, "bfd_dicom_receiving_bytes") == 0
+    assert _echo(node)
