@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.outbox import ResultObject
 from inference.dicom_objects import Algorithm, ImageFinding
+from inference.dicom_objects.patient_study import with_encoding_of
 from inference.results import StudyAnswer
 from inference.worker_pool import WorkerProcesses
 
@@ -39,12 +40,7 @@ def without_pixel_data(source: Dataset) -> Dataset:
     if not any(tag in source for tag in PIXEL_DATA_TAGS):
         return source  # already a header (the analyser lets the pixel data go as soon as it can)
     header = Dataset({tag: element for tag, element in source.items() if int(tag) not in PIXEL_DATA_TAGS})
-    if hasattr(source, "file_meta"):
-        header.file_meta = source.file_meta
-    implicit, little = source.original_encoding
-    if implicit is not None and little is not None:
-        header.set_original_encoding(implicit, little, source.original_character_set)
-    return header
+    return with_encoding_of(source, header)
 
 
 def build_objects(

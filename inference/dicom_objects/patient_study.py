@@ -72,12 +72,18 @@ def results_header(source: Dataset) -> Dataset:
         tag = tag_for_keyword(keyword)
         if tag is not None and tag in source:
             kept[tag] = source.get_item(tag)  # the raw element: nothing converted here
+    return with_encoding_of(source, kept)
+
+
+def with_encoding_of(source: Dataset, part: Dataset) -> Dataset:
+    """`part` (elements taken from `source`) with `source`'s file meta and original encoding, so its raw
+    elements are read as they were written."""
     if hasattr(source, "file_meta"):
-        kept.file_meta = source.file_meta
+        part.file_meta = source.file_meta
     implicit, little = source.original_encoding
     if implicit is not None and little is not None:
-        kept.set_original_encoding(implicit, little, source.original_character_set)
-    return kept
+        part.set_original_encoding(implicit, little, source.original_character_set)
+    return part
 
 
 def header_bytes(dataset: Dataset) -> int:
