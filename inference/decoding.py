@@ -116,7 +116,8 @@ class Decoder:
         plan: DecodePlan | None = None
         while plan is None:
             held = min(wanted, self.memory.total)
-            await self.memory.take(held)
+            if held:  # PNG and JPEG headers are read lazily: they plan without holding (or waiting for) anything
+                await self.memory.take(held)
             try:
                 plan = await self.in_pool(partial(plan_with, inflation_budget_bytes=inflation))
             except InflationNotBudgetedError as needed:
@@ -129,6 +130,9 @@ class Decoder:
         working = self._working_bytes(plan)
         if working <= held:
             self.memory.give(held - working)  # the parse was held for more than the decode needs
+            return plan, working
+        if not held:  # nothing held: wait in line for it, as every decode does
+            await self.memory.take(working)
             return plan, working
         try:
             self.memory.try_take(working - held)
