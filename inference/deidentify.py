@@ -1,294 +1,251 @@
-"""De-identification of stored DICOM: the PS3.15 Annex E Basic Application Level Confidentiality Profile.
+"""Stored DICOM de-identified by allow-list, after PS3.15 Annex E (Basic Application Level Confidentiality Profile).
 
 `store_images` keeps uploads in the results store; a DICOM upload is kept de-identified (unless
 `store_identifiable_images` is set), so the store never becomes a second, unguarded copy of patient data.
 
-What `deidentify_dataset` does, with pydicom, to the dataset and every sequence item in it:
-- the attributes of Table E.1-1 (DICOM 2024b, the Basic Profile column; the keyword lists below) are removed
-  (X, X/Z, X/D, X/Z/D) or emptied (Z, Z/D, and D: an empty value stands in for the dummy), which covers the
-  patient's names, IDs, birth date, addresses, the accession number and study ID, visit and admission data,
-  institution and department, physicians and operators, station names, device serial numbers, descriptions
-  and free-text comments; curve data (50xx) and overlay planes (60xx) go too;
-- every person name (PN), date (DA), time (TM) and date-time (DT) left anywhere is emptied: the profile
-  removes or empties nearly all of them, and one it does not list is no safer
-  (LongitudinalTemporalInformationModified = REMOVED says so);
-- the UIDs of the U rows (study, series, SOP instance, frame of reference, referenced instances, ...) are
-  replaced by `generate_uid(entropy_srcs=[original])`: the same source UID always maps to the same new one,
-  so the images of one study stay one study, across uploads and restarts; class and transfer syntax UIDs stay;
-- private tags are removed; PatientIdentityRemoved = YES, DeidentificationMethod and the
-  De-identification Method Code Sequence (113100, DCM, "Basic Application Confidentiality Profile") are set.
-Pixel data are untouched: text burned into the pixels (BurnedInAnnotation) is not removed (the profile's
-Clean Pixel Data option is not applied), nor are the file's transfer syntax and pixel encoding changed.
+The profile's Table E.1-1 lists the attributes to remove; everything it does not name would pass: a public tag
+no dictionary knows ((0010,0ABC) LO), an attribute added to the standard after the table, a private group, the
+128-byte preamble (free for any use, PS3.10 7.1). So the table is applied the other way round: a new data set is
+built from `ALLOWED` alone and nothing else is copied. What is kept, and why:
+- **rendering** (`RENDERING`): the Image Pixel, Multi-frame, Modality LUT and VOI LUT attributes that
+  `inference.dicom_header.parse_dicom` and `inference.dicom.render_dicom` read (pixel data, size, bits, sign,
+  photometric, planar configuration, frames, offset tables, rescale, windows, LUT and palette tables): the
+  stored image renders exactly as the service rendered it. Kept as parsed, so nothing is decoded;
+- **codes** (`CODES`): Modality, Body Part Examined (the service's hint), Laterality and Image Laterality,
+  Burned In Annotation (says the pixels may still show text: the profile's Clean Pixel Data option is not
+  applied), Lossy Image Compression and its method, Presentation LUT Shape and Rescale/Modality LUT Type: kept
+  only when every value is what a code string can be (PS3.5 6.2: at most 16 of A-Z, 0-9, space, underscore),
+  so none of them carries a sentence;
+- **identity**: the SOP Class UID (kept when it has a UID's form); the Study, Series and SOP Instance UIDs
+  replaced by `replacement_uid` (the same source UID always gives the same new one: the images of one study
+  stay one study, across uploads and restarts); the Type 2 attributes of the Patient and General Study modules
+  (name, ID, birth date, sex, study date and time, referring physician, study ID, accession number) kept,
+  when present, with an empty value (the profile's Z);
+- **references**: Referenced Image and Source Image Sequence items (the profile's X/Z/U*), each rebuilt from
+  its class UID, its instance UID (replaced) and its frame numbers only; LUT sequence items from their
+  descriptor, data and type only. No other sequence is kept, so nothing is nested deeper than one item.
+A kept element must have its dictionary VR (a Laterality written as LT holds text, not a code). Then
+PatientIdentityRemoved = YES, DeidentificationMethod, the De-identification Method Code Sequence (113100, DCM)
+and LongitudinalTemporalInformationModified = REMOVED are set. The preamble is zeroed and the file meta rebuilt
+from the class, the new instance UID and the transfer syntax, where the source had them (neither is added: a
+bare data set stays bare). None of the profile's options is claimed (patient characteristics, device
+identity, dates and descriptions are all gone); pixel data are kept byte for byte, burned-in text included.
 
-Why our own module rather than a library: `deid` (pydicom org) pulls matplotlib and a recipe engine whose
-default recipe is not this profile; `dicognito` pseudonymises (plausible fake names, shifted dates) and keeps
-private tags; `dicom-anonymizer` has the profile's table but keeps a process-wide, ever-growing dictionary of
-random UIDs (no mapping stable across restarts), prints from library code, fails on some VRs (OB in a D row)
-and sets none of the identity-removed attributes. The table is data; the rules here fit in a page.
+Bounded: the file is read through `inference.dicom_file` (inflation and element count capped, as in the
+service's own parse), a fixed list of tags is looked up (not every element the file holds), and the pixel
+data is copied as parsed, never decoded.
 """
 
 from __future__ import annotations
 
 import io
-import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
-log = logging.getLogger(__name__)
+from inference.dicom_file import DEFAULT_MAX_INFLATED_BYTES, read_part10
 
-METHOD = "DICOM PS3.15 Annex E Basic Profile (bone-fracture-detection)"  # LO: at most 64 characters
+METHOD = "Annex E Basic Profile by allow-list (bone-fracture-detection)"  # LO: at most 64 characters
 BASIC_PROFILE_CODE = ("113100", "DCM", "Basic Application Confidentiality Profile")
+ZERO_PREAMBLE = bytes(128)
 
-# PS3.15 Table E.1-1, Basic Profile column, by action (keywords as pydicom spells them).
-_REMOVE = """
-    AcquisitionComments AcquisitionContextSequence AcquisitionDate AcquisitionDateTime
-    AcquisitionDeviceProcessingDescription AcquisitionProtocolDescription AcquisitionTime
-    ActualHumanPerformersSequence AdditionalPatientHistory AddressTrial AdmissionID AdmittingDate
-    AdmittingDiagnosesCodeSequence AdmittingDiagnosesDescription AdmittingTime AffectedSOPInstanceUID Allergies
-    AnnotationGroupDescription ApprovalStatusDateTime Arbitrary AssertionExpirationDateTime
-    AuthorObserverSequence BarcodeValue BeamDescription BolusDescription BranchOfService CalibrationDate
-    CalibrationTime CameraOwnerName CassetteID CertifiedTimestamp
-    ClinicalTrialProtocolEthicsCommitteeApprovalNumber ClinicalTrialSeriesDescription ClinicalTrialSeriesID
-    ClinicalTrialTimePointDescription CommentsOnRadiationDose CommentsOnThePerformedProcedureStep
-    CompensatorDescription ConfidentialityConstraintOnPatientDataDescription
-    ConsultingPhysicianIdentificationSequence ContainerComponentID ContainerDescription
-    ContentCreatorIdentificationCodeSequence ContrastBolusStartTime ContrastBolusStopTime ContributionDateTime
-    ContributionDescription CountryOfResidence CreationDate CreationTime CurrentObserverTrial
-    CurrentPatientLocation CurveDate CurveTime CustodialOrganizationSequence DataSetTrailingPadding
-    DateOfDocumentOrVerbalTransactionTrial DateOfInstallation DateOfLastCalibration
-    DateOfLastDetectorCalibration DateOfManufacture DateOfSecondaryCapture DateTimeOfLastCalibration
-    DecompositionDescription DerivationDescription DetectorID DeviceDescription DeviceSerialNumber
-    DeviceSettingDescription DigitalSignaturesSequence DischargeDate DischargeDiagnosisDescription DischargeTime
-    DisplacementReferenceLabel DistributionAddress DistributionName DoseReferenceDescription
-    EndAcquisitionDateTime EntityDescription EntityName EquipmentFrameOfReferenceDescription
-    EthicsCommitteeApprovalEffectivenessEndDate EthicsCommitteeApprovalEffectivenessStartDate EthnicGroup
-    ExpectedCompletionDateTime FilterLookupTableDescription FindingsGroupRecordingDateTrial
-    FindingsGroupRecordingTimeTrial FirstTreatmentDate FixationDeviceDescription FractionGroupDescription
-    FrameComments GPSAltitude GPSAltitudeRef GPSAreaInformation GPSDOP GPSDateStamp GPSDestBearing
-    GPSDestBearingRef GPSDestDistance GPSDestDistanceRef GPSDestLatitude GPSDestLatitudeRef GPSDestLongitude
-    GPSDestLongitudeRef GPSDifferential GPSImgDirection GPSImgDirectionRef GPSLatitude GPSLatitudeRef
-    GPSLongitude GPSLongitudeRef GPSMapDatum GPSMeasureMode GPSProcessingMethod GPSSatellites GPSSpeed
-    GPSSpeedRef GPSStatus GPSTimeStamp GPSTrack GPSTrackRef GPSVersionID GantryID GeneratorID
-    HL7DocumentEffectiveTime HumanPerformerName HumanPerformerOrganization IconImageSequence IdentifyingComments
-    ImageComments ImagePresentationComments ImagingServiceRequestComments Impressions InstanceCoercionDateTime
-    InstanceCreationDate InstanceCreationTime InstanceOriginStatus InstitutionAddress InstitutionCodeSequence
-    InstitutionName InstitutionalDepartmentName InstitutionalDepartmentTypeCodeSequence
-    InsurancePlanIdentification IntendedFractionStartTime IntendedPhaseEndDate IntendedPhaseStartDate
-    IntendedRecipientsOfResultsIdentificationSequence InterpretationApprovalDate InterpretationApprovalTime
-    InterpretationApproverSequence InterpretationAuthor InterpretationDiagnosisDescription InterpretationID
-    InterpretationIDIssuer InterpretationRecordedDate InterpretationRecordedTime InterpretationRecorder
-    InterpretationText InterpretationTranscriber InterpretationTranscriptionDate InterpretationTranscriptionTime
-    InterventionDrugStartTime InterventionDrugStopTime IssueDateOfImagingServiceRequest
-    IssueTimeOfImagingServiceRequest IssuerOfAdmissionID IssuerOfAdmissionIDSequence
-    IssuerOfClinicalTrialProtocolID IssuerOfClinicalTrialSeriesID IssuerOfClinicalTrialSiteID
-    IssuerOfClinicalTrialSubjectID IssuerOfClinicalTrialSubjectReadingID IssuerOfClinicalTrialTimePointID
-    IssuerOfPatientID IssuerOfServiceEpisodeID IssuerOfServiceEpisodeIDSequence LabelText LastMenstrualDate
-    LensMake LensModel LensSerialNumber LensSpecification LongDeviceDescription MAC MakerNote MedicalAlerts
-    MedicalRecordLocator MilitaryRank ModifiedAttributesSequence ModifiedImageDate ModifiedImageDescription
-    ModifiedImageTime ModifyingDeviceID MostRecentTreatmentDate MultienergyAcquisitionDescription
-    NameOfPhysiciansReadingStudy NamesOfIntendedRecipientsOfResults NetworkID NonconformingDataElementValue
-    NonconformingModifiedAttributesSequence ObservationDateTime ObservationDateTrial ObservationStartDateTime
-    ObservationTimeTrial Occupation OperatorIdentificationSequence OperatorsName OrderCallbackPhoneNumber
-    OrderCallbackTelecomInformation OrderEnteredBy OrderEntererLocation OriginalAttributesSequence Originator
-    OtherClinicalTrialProtocolIDsSequence OtherPatientIDs OtherPatientIDsSequence OtherPatientNames OverlayDate
-    OverlayTime ParticipantSequence PatientAddress PatientAge PatientBirthName PatientBirthTime PatientComments
-    PatientInstitutionResidence PatientInsurancePlanCodeSequence PatientMotherBirthName
-    PatientPrimaryLanguageCodeSequence PatientPrimaryLanguageModifierCodeSequence PatientReligiousPreference
-    PatientSetupPhotoDescription PatientSexNeutered PatientSize PatientState PatientTelecomInformation
-    PatientTelephoneNumbers PatientTransportArrangements PatientTreatmentPreparationMethodDescription
-    PatientTreatmentPreparationProcedureParameterDescription PatientWeight PerformedLocation
-    PerformedProcedureStepDescription PerformedProcedureStepEndDate PerformedProcedureStepEndDateTime
-    PerformedProcedureStepEndTime PerformedProcedureStepID PerformedProcedureStepStartDate
-    PerformedProcedureStepStartDateTime PerformedProcedureStepStartTime PerformedStationAETitle
-    PerformedStationGeographicLocationCodeSequence PerformedStationName PerformedStationNameCodeSequence
-    PerformingPhysicianIdentificationSequence PerformingPhysicianName PersonAddress PersonTelecomInformation
-    PersonTelephoneNumbers PhysicianApprovingInterpretation PhysiciansOfRecord
-    PhysiciansOfRecordIdentificationSequence PhysiciansReadingStudyIdentificationSequence PlateID
-    PositionAcquisitionTemplateDescription PositionAcquisitionTemplateName PreMedication PregnancyStatus
-    PrescriptionDescription PresentationCreationDate PresentationCreationTime PriorTreatmentDoseDescription
-    ProcedureStepCancellationDateTime ProductExpirationDateTime ProtocolName PyramidDescription PyramidLabel
-    ROICreatorSequence ROIDateTime ROIDescription ROIGenerationDescription ROIInterpreterSequence
-    ROIObservationDateTime ROIObservationDescription ROIObservationLabel RTPlanDate RTPlanDescription RTPlanName
-    RTPlanTime RTTreatmentApproachLabel RadiopharmaceuticalStartDateTime RadiopharmaceuticalStartTime
-    RadiopharmaceuticalStopDateTime RadiopharmaceuticalStopTime ReasonForOmissionDescription
-    ReasonForRequestedProcedureCodeSequence ReasonForStudy ReasonForTheImagingServiceRequest
-    ReasonForTheRequestedProcedure ReasonForVisit ReasonForVisitCodeSequence ReceivingAE
-    ReferencedDigitalSignatureSequence ReferencedPatientAliasSequence ReferencedPatientPhotoSequence
-    ReferencedPatientSequence ReferencedPerformedProcedureStepSequence ReferencedSOPInstanceMACSequence
-    ReferencedStudySequence ReferringPhysicianAddress ReferringPhysicianIdentificationSequence
-    ReferringPhysicianTelephoneNumbers RegionOfResidence RequestAttributesSequence RequestedContrastAgent
-    RequestedProcedureComments RequestedProcedureDescription RequestedProcedureID RequestedProcedureLocation
-    RequestedSeriesDescription RequestingAE RequestingPhysician RequestingService
-    RespiratoryMotionCompensationTechniqueDescription ResponsibleOrganization ResponsiblePerson ResultsComments
-    ResultsDistributionListSequence ResultsID ResultsIDIssuer RetrieveAETitle ReviewerName
-    SOPAuthorizationDateTime ScheduledAdmissionDate ScheduledAdmissionTime ScheduledDischargeDate
-    ScheduledDischargeTime ScheduledHumanPerformersSequence ScheduledPatientInstitutionResidence
-    ScheduledPerformingPhysicianIdentificationSequence ScheduledPerformingPhysicianName
-    ScheduledProcedureStepDescription ScheduledProcedureStepEndDate ScheduledProcedureStepEndTime
-    ScheduledProcedureStepExpirationDateTime ScheduledProcedureStepID ScheduledProcedureStepLocation
-    ScheduledProcedureStepModificationDateTime ScheduledProcedureStepStartDate
-    ScheduledProcedureStepStartDateTime ScheduledProcedureStepStartTime ScheduledStationAETitle
-    ScheduledStationGeographicLocationCodeSequence ScheduledStationName ScheduledStationNameCodeSequence
-    ScheduledStudyLocation ScheduledStudyLocationAETitle ScheduledStudyStartDate ScheduledStudyStartTime
-    ScheduledStudyStopDate ScheduledStudyStopTime SeriesDate SeriesDescription SeriesTime
-    ServiceEpisodeDescription ServiceEpisodeID SetupTechniqueDescription ShieldingDeviceDescription
-    SlideIdentifier SmokingStatus SourceManufacturer SourceSerialNumber SpecialNeeds SpecimenAccessionNumber
-    SpecimenDetailedDescription SpecimenShortDescription StartAcquisitionDateTime StationAETitle StationName
-    StructureSetDescription StructureSetName StudyArrivalDate StudyArrivalTime StudyComments StudyCompletionDate
-    StudyCompletionTime StudyDescription StudyIDIssuer StudyReadDate StudyReadTime StudyVerifiedDate
-    StudyVerifiedTime SubstanceAdministrationDateTime TelephoneNumberTrial TemplateLocalVersion TemplateVersion
-    TextComments TextString TimeOfDocumentCreationOrVerbalTransactionTrial TimeOfLastCalibration
-    TimeOfLastDetectorCalibration TimeOfSecondaryCapture TimezoneOffsetFromUTC TopicAuthor TopicKeywords
-    TopicSubject TopicTitle TransducerIdentificationSequence TreatmentDate TreatmentMachineName TreatmentSite
-    TreatmentSites TreatmentTime UDISequence UniqueDeviceIdentifier VerbalSourceIdentifierCodeSequenceTrial
-    VerbalSourceTrial VisitComments WaveformFilterDescription XRayDetectorLabel
+RENDERING = """
+    SamplesPerPixel PhotometricInterpretation Rows Columns BitsAllocated BitsStored HighBit PixelRepresentation
+    PlanarConfiguration NumberOfFrames PixelData FloatPixelData DoubleFloatPixelData ExtendedOffsetTable
+    ExtendedOffsetTableLengths RescaleIntercept RescaleSlope WindowCenter WindowWidth VOILUTFunction
+    RedPaletteColorLookupTableDescriptor GreenPaletteColorLookupTableDescriptor BluePaletteColorLookupTableDescriptor
+    RedPaletteColorLookupTableData GreenPaletteColorLookupTableData BluePaletteColorLookupTableData
+    SegmentedRedPaletteColorLookupTableData SegmentedGreenPaletteColorLookupTableData
+    SegmentedBluePaletteColorLookupTableData
 """
-_EMPTY = """
-    AccessionNumber AcquisitionFieldOfViewLabel AnnotationGroupLabel AnnotationGroupUID AssertionDateTime
-    AttributeModificationDateTime BeamHoldTransitionDateTime CalibrationDateTime CertificateOfSigner
-    ClinicalTrialCoordinatingCenterName ClinicalTrialProtocolEthicsCommitteeName ClinicalTrialProtocolID
-    ClinicalTrialProtocolName ClinicalTrialSiteID ClinicalTrialSiteName ClinicalTrialSponsorName
-    ClinicalTrialSubjectID ClinicalTrialSubjectReadingID ClinicalTrialTimePointID
-    ConceptualVolumeCombinationDescription ConceptualVolumeDescription ConsultingPhysicianName
-    ContainerIdentifier ContentCreatorName ContentDate ContentSequence ContentTime ContextGroupLocalVersion
-    ContextGroupVersion ContrastBolusAgent Date DateTime DecayCorrectionDateTime DestinationAE
-    DeviceAlternateIdentifier DeviceLabel DigitalSignatureDateTime EffectiveDateTime EncapsulatedDocument
-    EntityLabel EntityLongLabel ExclusionStartDateTime FillerOrderNumberImagingServiceRequest FlowIdentifier
-    FlowIdentifierSequence FractionationNotes FrameAcquisitionDateTime FrameOriginTimestamp
-    FrameReferenceDateTime FunctionalSyncPulse GraphicAnnotationSequence HangingProtocolCreationDateTime
-    ImpedanceMeasurementDateTime InformationIssueDateTime InstructionPerformedDateTime InterlockDateTime
-    InterlockDescription InterlockOriginDescription IssuerOfTheContainerIdentifierSequence
-    IssuerOfTheSpecimenIdentifierSequence ManufacturerDeviceIdentifier ModifyingSystem OverrideDateTime
-    ParticipationDateTime PatientBirthDate PatientID PatientName PatientSex PersonIdentificationCodeSequence
-    PersonName PlacerOrderNumberImagingServiceRequest PrescriptionNotes PrescriptionNotesSequence ROIInterpreter
-    ROIName RTAccessoryDeviceSlotID RTAccessoryHolderSlotID RTPhysicianIntentNarrative RTPlanLabel
-    RTPrescriptionLabel RTToleranceSetLabel RadiationDoseIdentificationLabel RadiationDoseInVivoMeasurementLabel
-    RadiationGenerationModeDescription RadiationGenerationModeLabel ReasonForSuperseding
-    ReasonForTheAttributeModification RecordedRTControlPointDateTime ReferencedDateTime ReferringPhysicianName
-    ReviewDate ReviewTime SafePositionExitDate SafePositionExitTime SafePositionReturnDate
-    SafePositionReturnTime SelectorAEValue SelectorASValue SelectorDAValue SelectorDTValue SelectorLOValue
-    SelectorLTValue SelectorOBValue SelectorPNValue SelectorSHValue SelectorSTValue SelectorTMValue
-    SelectorUNValue SelectorURValue SelectorUTValue SourceEndDateTime SourceIdentifier SourceOfPreviousValues
-    SourceStartDateTime SourceStrengthReferenceDate SourceStrengthReferenceTime SpecimenIdentifier
-    SpecimenPreparationSequence StructureSetDate StructureSetLabel StructureSetTime StudyDate StudyID StudyTime
-    Time TreatmentControlPointDate TreatmentControlPointTime TreatmentPositionGroupLabel TreatmentTechniqueNotes
-    TreatmentToleranceViolationDateTime TreatmentToleranceViolationDescription UserContentLabel
-    UserContentLongLabel VerificationDateTime VerifyingObserverIdentificationCodeSequence VerifyingObserverName
-    VerifyingObserverSequence VerifyingOrganization XRayDetectorID XRaySourceID
+CODES = """
+    Modality BodyPartExamined Laterality ImageLaterality BurnedInAnnotation LossyImageCompression
+    LossyImageCompressionMethod PresentationLUTShape RescaleType
 """
-_REPLACE_UID = """
-    AcquisitionUID ConcatenationUID ConceptualVolumeUID ConstituentConceptualVolumeUID DeviceUID
-    DigitalSignatureUID DimensionOrganizationUID DoseReferenceUID DosimetricObjectiveUID
-    FailedSOPInstanceUIDList FiducialUID FrameOfReferenceUID InstanceCreatorUID IrradiationEventUID
-    LargePaletteColorLookupTableUID ManufacturerDeviceClassUID MediaStorageSOPInstanceUID MultiplexGroupUID
-    ObservationSubjectUIDTrial ObservationUID PaletteColorLookupTableUID PatientSetupUID
-    PresentationDisplayCollectionUID PresentationSequenceCollectionUID PyramidUID RTTreatmentPhaseUID
-    ReferencedConceptualVolumeUID ReferencedDoseReferenceUID ReferencedDosimetricObjectiveUID
-    ReferencedFiducialsUID ReferencedFrameOfReferenceUID
-    ReferencedGeneralPurposeScheduledProcedureStepTransactionUID ReferencedObservationUIDTrial
-    ReferencedSOPInstanceUID ReferencedSOPInstanceUIDInFile ReferencedTreatmentPositionGroupUID
-    RelatedFrameOfReferenceUID RequestedSOPInstanceUID SOPInstanceUID SeriesInstanceUID
-    SourceConceptualVolumeUID SourceFrameOfReferenceUID SpecimenUID StorageMediaFileSetUID StudyInstanceUID
-    SynchronizationFrameOfReferenceUID TargetUID TemplateExtensionCreatorUID TemplateExtensionOrganizationUID
-    TrackingUID TransactionUID TreatmentPositionGroupUID TreatmentSessionUID UID
+EMPTIED = """
+    PatientName PatientID PatientBirthDate PatientSex StudyDate StudyTime ReferringPhysicianName StudyID
+    AccessionNumber
 """
-# X/Z/U*: kept, with the UIDs inside them replaced (the U rows apply in every sequence item).
-_KEEP_CLEANED = "ReferencedImageSequence SourceImageSequence"
-# Group 0002 (the file meta) says who sent the file from where.
-_META_REMOVE = """
-    SourceApplicationEntityTitle SendingApplicationEntityTitle ReceivingApplicationEntityTitle
-    SourcePresentationAddress SendingPresentationAddress ReceivingPresentationAddress
-    PrivateInformationCreatorUID PrivateInformation
-"""
-_DATES_AND_NAMES = frozenset({"PN", "DA", "TM", "DT"})
+REPLACED = "StudyInstanceUID SeriesInstanceUID SOPInstanceUID"
+
+# What happens to a kept element.
+KEEP, CODE, CLASS_UID, NEW_UID, EMPTY, ITEMS = "keep", "code", "class_uid", "new_uid", "empty", "items"
+_CODE_VALUE = re.compile(r"[A-Z0-9 _]{0,16}")
+_UID_VALUE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_UID_MAX_CHARS = 64
 
 
 class DeidentificationError(ValueError):
     """The DICOM file could not be de-identified (so it must not be stored); the reason holds no patient data."""
 
 
-def _tags(keywords: str) -> frozenset[int]:
+def _rules(**by_action: str) -> dict[int, str]:
+    """{tag: action} for the keywords listed under each action; a keyword pydicom does not know fails at import
+    (a typo would otherwise silently drop an attribute the rendering needs)."""
     from pydicom.datadict import tag_for_keyword
 
-    tags = set()
-    for keyword in keywords.split():
-        tag = tag_for_keyword(keyword)
-        if tag is None:  # a typo here would silently keep an identifier: fail at import instead
-            raise ValueError(f"unknown DICOM keyword {keyword!r} in the de-identification table")
-        tags.add(int(tag))
-    return frozenset(tags)
+    rules = {}
+    for action, keywords in by_action.items():
+        for keyword in keywords.split():
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"unknown DICOM keyword {keyword!r} in the de-identification allow-list")
+            rules[int(tag)] = action
+    return rules
 
 
-REMOVE_TAGS = _tags(_REMOVE)
-EMPTY_TAGS = _tags(_EMPTY)
-REPLACE_UID_TAGS = _tags(_REPLACE_UID)
-META_REMOVE_TAGS = _tags(_META_REMOVE)
-_ = _tags(_KEEP_CLEANED)  # checked like the others; nothing to do with them beyond the U rows inside
+_LUT_ITEM = _rules(keep="LUTDescriptor LUTData", code="ModalityLUTType")
+_REFERENCE_ITEM = _rules(
+    class_uid="ReferencedSOPClassUID", new_uid="ReferencedSOPInstanceUID", keep="ReferencedFrameNumber"
+)
+ITEM_RULES: dict[int, dict[int, str]] = {
+    **dict.fromkeys(_rules(items="ModalityLUTSequence VOILUTSequence"), _LUT_ITEM),
+    **dict.fromkeys(_rules(items="ReferencedImageSequence SourceImageSequence"), _REFERENCE_ITEM),
+}
+ALLOWED: dict[int, str] = {
+    **_rules(keep=RENDERING, code=CODES, empty=EMPTIED, new_uid=REPLACED, class_uid="SOPClassUID"),
+    **dict.fromkeys(ITEM_RULES, ITEMS),
+}
 
 
-def replacement_uid(uid: str) -> str:
-    """The UID that replaces `uid`: always the same for the same source UID, unrelated to it otherwise."""
+def _prefix(uid_root: str | None) -> str:
+    """generate_uid's prefix for `uid_root` (written as BFD_DICOM_UID_ROOT is: no trailing dot); None: pydicom's."""
+    from pydicom.uid import PYDICOM_ROOT_UID
+
+    from inference.dicom_objects.uids import check_uid_root  # one rule for every UID root
+
+    if uid_root is None:
+        return PYDICOM_ROOT_UID
+    try:
+        return f"{check_uid_root(uid_root)}."
+    except ValueError as error:
+        raise ValueError(f"uid_root {uid_root!r}: {error}") from None
+
+
+def replacement_uid(uid: str, uid_root: str | None = None) -> str:
+    """The UID that replaces `uid`, under `uid_root` (None: pydicom's example root): always the same for the same
+    source UID and root, unrelated to it otherwise."""
+    return _replaced(uid, _prefix(uid_root))
+
+
+def _replaced(uid: Any, prefix: str) -> str:
     from pydicom.uid import generate_uid
 
-    return str(generate_uid(entropy_srcs=[str(uid)]))
+    return str(generate_uid(prefix=prefix, entropy_srcs=[str(uid)]))
 
 
-def _removed_group(tag: int) -> bool:
-    group = tag >> 16
-    return (group & 0xFF00) in (0x5000, 0x6000)  # curve data (50xx) and overlay planes (60xx)
+def _values(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else [value]
 
 
-def _clean(dataset: Any) -> None:
-    """Apply the table and the VR rules to `dataset` and, recursively, to every sequence item in it."""
-    from pydicom.dataelem import empty_value_for_VR
-
-    for tag in list(dataset.keys()):
-        if tag in REMOVE_TAGS or _removed_group(int(tag)):
-            del dataset[tag]
-            continue
-        element = dataset[tag]
-        if tag in REPLACE_UID_TAGS and element.VR == "UI":
-            if element.VM > 1:
-                element.value = [replacement_uid(uid) for uid in element.value]
-            elif element.value:
-                element.value = replacement_uid(element.value)
-        elif tag in EMPTY_TAGS or element.VR in _DATES_AND_NAMES:
-            element.value = empty_value_for_VR(element.VR)
-        elif element.VR == "SQ":
-            for item in element.value:
-                _clean(item)
+def _is_code(value: Any) -> bool:
+    return all(isinstance(v, str) and _CODE_VALUE.fullmatch(v) for v in _values(value))
 
 
-def deidentify_dataset(dataset: Any) -> None:
-    """De-identify a pydicom Dataset in place (see the module docstring)."""
+def _is_uid(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= _UID_MAX_CHARS and bool(_UID_VALUE.fullmatch(value))
+
+
+def _has_dictionary_vr(element: Any) -> bool:
+    from pydicom.datadict import dictionary_VR
+
+    expected = dictionary_VR(element.tag)
+    return bool(expected == element.VR or element.VR in expected.split(" or "))
+
+
+def _kept(source: Any, rules: Mapping[int, str], prefix: str) -> Any:
+    """A new Dataset holding what `rules` allow of `source` (looked up tag by tag: unlisted elements are never read)."""
+    from pydicom.dataelem import DataElement, empty_value_for_VR
     from pydicom.dataset import Dataset
 
-    dataset.remove_private_tags()
-    _clean(dataset)
+    kept = Dataset()
+    for tag, action in rules.items():
+        if tag not in source:
+            continue
+        element = source[tag]
+        if not _has_dictionary_vr(element):
+            continue
+        value = element.value
+        if action == KEEP or (action == CODE and _is_code(value)) or (action == CLASS_UID and _is_uid(value)):
+            kept.add(element)
+        elif action == EMPTY:
+            kept.add(DataElement(tag, element.VR, empty_value_for_VR(element.VR)))
+        elif action == NEW_UID:
+            kept.add(DataElement(tag, "UI", _replaced(value, prefix) if value else ""))
+        elif action == ITEMS:
+            kept.add(DataElement(tag, "SQ", [_kept(item, ITEM_RULES[tag], prefix) for item in value or []]))
+    return kept
+
+
+def _transfer_syntax(meta: Any, dataset: Any) -> str:
+    """The source's transfer syntax: its file meta's, else the encoding it was read in (a file meta without one)."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax:
+        if not _is_uid(str(syntax)):
+            raise ValueError("the transfer syntax UID does not have a UID's form")
+        return str(syntax)
+    implicit, little = dataset.original_encoding  # (None, None) for a data set made in memory
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
+
+
+def _rebuilt_meta(meta: Any, dataset: Any, prefix: str) -> Any:
+    """A new file meta: the SOP class, the new SOP instance UID and the transfer syntax; version and
+    implementation are pydicom's, nothing of the sender's (its AE titles, implementation, private information)."""
+    from pydicom.dataset import FileMetaDataset, validate_file_meta
+    from pydicom.uid import UID
+
+    source_class, source_instance = meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")
+    sop_class = dataset.get("SOPClassUID") or (source_class if _is_uid(source_class) else None)
+    instance = dataset.get("SOPInstanceUID") or (_replaced(source_instance, prefix) if source_instance else None)
+    if not sop_class or not instance:
+        raise ValueError("the file names no SOP class or instance UID for its file meta")
+    rebuilt = FileMetaDataset()
+    rebuilt.FileMetaInformationGroupLength = 0  # computed when written
+    rebuilt.MediaStorageSOPClassUID = UID(str(sop_class))
+    rebuilt.MediaStorageSOPInstanceUID = UID(str(instance))
+    rebuilt.TransferSyntaxUID = UID(_transfer_syntax(meta, dataset))
+    validate_file_meta(rebuilt, enforce_standard=True)  # adds the version and pydicom's implementation
+    return rebuilt
+
+
+def deidentify_dataset(dataset: Any, *, uid_root: str | None = None) -> None:
+    """De-identify a pydicom Dataset in place (see the module docstring): only `ALLOWED` is left, the preamble
+    zeroed and the file meta rebuilt when it had them; new UIDs under `uid_root` (None: pydicom's example root)."""
+    from pydicom.dataset import Dataset
+
+    prefix = _prefix(uid_root)
     meta = getattr(dataset, "file_meta", None)
-    if meta is not None:
-        for tag in META_REMOVE_TAGS & set(meta.keys()):
-            del meta[tag]
-        if "MediaStorageSOPInstanceUID" in meta and meta.MediaStorageSOPInstanceUID:
-            meta.MediaStorageSOPInstanceUID = replacement_uid(meta.MediaStorageSOPInstanceUID)
+    kept = _kept(dataset, ALLOWED, prefix)
+    dataset.clear()
+    for element in kept.elements():
+        dataset.add(element)
     dataset.PatientIdentityRemoved = "YES"
     dataset.DeidentificationMethod = METHOD
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = BASIC_PROFILE_CODE
     dataset.DeidentificationMethodCodeSequence = [code]
     dataset.LongitudinalTemporalInformationModified = "REMOVED"
+    if meta:  # rebuilt from what is left (`clear` keeps the encoding the data set was read in)
+        dataset.file_meta = _rebuilt_meta(meta, dataset, prefix)
+    if getattr(dataset, "preamble", None) is not None:
+        dataset.preamble = ZERO_PREAMBLE
 
 
-def deidentify_dicom(data: bytes) -> bytes:
-    """The DICOM file `data` de-identified, in the form it came in (preamble and file meta when it had them,
-    the same transfer syntax, the pixel data byte for byte); raises DeidentificationError."""
-    import pydicom
-
+def deidentify_dicom(data: bytes, *, uid_root: str | None = None) -> bytes:
+    """The DICOM file `data` de-identified by allow-list (its preamble zeroed and its file meta rebuilt where it had
+    them, neither added; the same transfer syntax; the pixel data byte for byte), new UIDs under `uid_root` (None:
+    pydicom's example root); raises DeidentificationError, ValueError for a bad root."""
+    _prefix(uid_root)  # a bad root is the caller's error, not this file's: said as such, before the try
     try:
         # force: uploads sent as application/dicom may lack the preamble (the predictor parsed them the same way)
-        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        deidentify_dataset(dataset)
+        dataset = read_part10(data, force=True, max_inflated_bytes=DEFAULT_MAX_INFLATED_BYTES).dataset
+        deidentify_dataset(dataset, uid_root=uid_root)
         buffer = io.BytesIO()
-        dataset.save_as(buffer)
+        dataset.save_as(buffer)  # as it is: a preamble and a file meta only where the source had them
     except Exception as error:  # pydicom raises many types; their messages may quote values, so none is kept
         raise DeidentificationError(
             f"the DICOM file could not be de-identified ({type(error).__name__} while reading or writing it)"

@@ -123,7 +123,7 @@ async def _image_to_keep(settings: Settings, result: ImageResult) -> tuple[bytes
     if settings.store_identifiable_images:
         return data, "application/dicom"
     try:
-        return await asyncio.to_thread(deidentify_dicom, data), "application/dicom"
+        return await asyncio.to_thread(deidentify_dicom, data, uid_root=settings.dicom_uid_root), "application/dicom"
     except DeidentificationError as error:  # never keep what could not be de-identified; the result still counts
         log.warning("analysis stored without its image: %s", error)
         return None, None

@@ -254,6 +254,29 @@ def test_what_cannot_be_de_identified_is_refused_without_patient_data() -> None:
     assert deidentify_dicom(data)  # and a good file still passes
 
 
+@pytest.mark.anyio
+async def test_stored_dicom_keeps_neither_the_preamble_nor_unknown_elements(bundle: Path, tmp_path: Path) -> None:
+    """The audit's finding, through the service: a name in the preamble and in (0010,0ABC) LO were stored."""
+    _, source = identifiable_radiograph()
+    source.preamble = b"Doe^Jane ID-PREAMBLE-8".ljust(128, b"\0")
+    source.add_new(0x00100ABC, "LO", "Doe^Jane UNKNOWN-PUBLIC")
+    buffer = io.BytesIO()
+    source.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert b"ID-PREAMBLE-8" in data[:128]
+    settings = {"store_images": True, "database_url": f"sqlite+aiosqlite:///{tmp_path / 'r.sqlite3'}"}
+    async with serving(bundle, **settings) as (app, client):
+        record = await client.post("/api/analysis", files={"image": ("x.dcm", data, "application/dicom")})
+        assert record.status_code == 201, record.text
+        row = await app.state.store.get(record.json()["id"])
+    assert row is not None
+    kept = row.image_bytes
+    assert kept is not None
+    assert kept[:132] == bytes(128) + b"DICM"
+    assert b"Doe^Jane" not in kept
+    assert 0x00100ABC not in pydicom.dcmread(io.BytesIO(kept))
+
+
 # --- binding without a key ----------------------------------------------------------------------------------------
 
 
