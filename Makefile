@@ -23,9 +23,10 @@ setup: $(VENV)/.installed
 
 # Debian packages some tests drive for real (they skip, loudly, without them): PostgreSQL for the results
 # store, Chromium for the web page, Xvfb for the desktop client, Orthanc with its DICOMweb plugin as the PACS
-# for the DICOM node (C-STORE and STOW-RS), DCMTK's storescu and friends as an independent DICOM peer.
+# for the DICOM node (C-STORE and STOW-RS), DCMTK's storescu and friends as an independent DICOM peer, and
+# dicom3tools' dciodvfy, the standard's validator, for the node's result objects.
 # Needs root or sudo.
-SYSTEM_PACKAGES := postgresql chromium xvfb orthanc orthanc-dicomweb dcmtk
+SYSTEM_PACKAGES := postgresql chromium xvfb orthanc orthanc-dicomweb dcmtk dicom3tools
 system-deps:
 	@missing=""; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -35,6 +36,7 @@ system-deps:
 	ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* /usr/lib/orthanc/libOrthancDicomWeb.so* 2>/dev/null \
 		| grep -q . || missing="$$missing orthanc-dicomweb"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from dicom_node.outbox import ResultObject
 from inference.dicom_objects import Algorithm, ImageFinding
 from inference.dicom_objects.patient_study import with_encoding_of
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT
 from inference.results import StudyAnswer
 from inference.worker_pool import WorkerProcesses
 
@@ -44,12 +45,16 @@ def without_pixel_data(source: Dataset) -> Dataset:
 
 
 def build_objects(
-    findings: Sequence[ImageFinding], study: StudyAnswer, algorithm: Algorithm, outputs: Sequence[str]
+    findings: Sequence[ImageFinding],
+    study: StudyAnswer,
+    algorithm: Algorithm,
+    outputs: Sequence[str],
+    uid_root: str = DEFAULT_UID_ROOT,
 ) -> list[ResultObject]:
     """The study's result objects as Part 10 bytes (runs in the worker; also the in-process fallback)."""
     from inference.dicom_objects import part10_bytes, result_objects
 
-    datasets = result_objects(findings, study, algorithm, outputs)
+    datasets = result_objects(findings, study, algorithm, outputs, uid_root)
     return [ResultObject(str(d.SOPClassUID), str(d.SOPInstanceUID), part10_bytes(d)) for d in datasets]
 
 
@@ -65,10 +70,11 @@ def _warm() -> None:
 class ObjectBuilder:
     """Builds result objects in `processes` worker processes (0: in a thread of this process)."""
 
-    def __init__(self, processes: int = 1) -> None:
+    def __init__(self, processes: int = 1, uid_root: str = DEFAULT_UID_ROOT) -> None:
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.processes = processes
+        self.uid_root = uid_root  # every UID the objects get is under it (BFD_DICOM_UID_ROOT)
         self._workers = WorkerProcesses(processes, _warm, what="DICOM result-object") if processes else None
         self._thread: ThreadPoolExecutor | None = None if processes else ThreadPoolExecutor(1, "dicom-objects")
 
@@ -94,12 +100,16 @@ class ObjectBuilder:
         ]
         loop = asyncio.get_running_loop()
         if self._thread is not None:
-            return await loop.run_in_executor(self._thread, build_objects, light, study, algorithm, tuple(outputs))
+            return await loop.run_in_executor(
+                self._thread, build_objects, light, study, algorithm, tuple(outputs), self.uid_root
+            )
         assert self._workers is not None
         for attempt in range(1, ATTEMPTS + 1):
             executor = self._workers.current()
             try:
-                return await loop.run_in_executor(executor, build_objects, light, study, algorithm, tuple(outputs))
+                return await loop.run_in_executor(
+                    executor, build_objects, light, study, algorithm, tuple(outputs), self.uid_root
+                )
             except BrokenProcessPool:
                 self._workers.replace(executor)
                 if attempt == ATTEMPTS:

@@ -161,12 +161,20 @@ def _p(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _flag(value: bool | None) -> str:
-    return "unknown" if value is None else ("yes" if value else "no")
+def _flag(value: bool | None, *, trained: bool = True) -> str:
+    if value is None:
+        return "unknown"
+    if not trained:
+        return "undecided"
+    return "yes" if value else "no"
 
 
 def summarise(answer: ImagePrediction) -> Summary:
-    """The sentences an answer comes down to: what every door shows, so no two can disagree."""
+    """The sentences an answer comes down to: what every door shows, so no two can disagree.
+
+    An untrained bundle's finding and flags are 'undecided' (its P and threshold are still quoted): its
+    numbers mean nothing, so no sentence may read as a fracture found or ruled out.
+    """
     part, fracture, model = answer.body_part, answer.fracture, answer.model
     body = f"Body part: {part.label}"
     if part.probability is not None:
@@ -177,6 +185,8 @@ def summarise(answer: ImagePrediction) -> Summary:
             body += f"; the router said {part.router_label}"
     above = fracture.probability >= fracture.threshold
     label = fracture.label.upper() if fracture.label == "fractured" else fracture.label
+    if not model.trained:
+        label = "undecided (untrained model)"
     fracture_text = (
         f"Fracture: {label} - P(fractured) = {_p(fracture.probability)} {'>=' if above else '<'} "
         f"threshold {_p(fracture.threshold)}"
@@ -188,8 +198,8 @@ def summarise(answer: ImagePrediction) -> Summary:
         else "not computed"
     )
     flags = (
-        f"Flags: suspicious (high-sensitivity point): {_flag(fracture.suspicious)}; "
-        f"definite (high-specificity point): {_flag(fracture.definite)}"
+        f"Flags: suspicious (high-sensitivity point): {_flag(fracture.suspicious, trained=model.trained)}; "
+        f"definite (high-specificity point): {_flag(fracture.definite, trained=model.trained)}"
     )
     abstention = (
         f"ABSTAINED: {answer.abstention_reason or 'no reason given'} - do not use the label"

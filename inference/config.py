@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT
 from inference.providers import default_intra_op_threads
 
 
@@ -31,6 +32,7 @@ class PredictorConfig:
     heatmap_max_side: int = 512
     abstain_min_router_probability: float | None = None
     abstain_max_colourfulness: float | None = None
+    dicom_uid_root: str = DEFAULT_UID_ROOT  # new UIDs of DICOM outputs are under it (output=dicom)
 
     def resolved_intra_op_threads(self) -> int:
         return self.intra_op_threads or default_intra_op_threads()

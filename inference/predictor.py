@@ -347,7 +347,9 @@ class Predictor:
 
         def build() -> bytes:
             rgb = explained.overlay_rgb if explained.overlay_rgb is not None else self.overlay(result)[1]
-            return secondary_capture(dicom.dataset, rgb, lines, algorithm=self.algorithm)
+            return secondary_capture(
+                dicom.dataset, rgb, lines, algorithm=self.algorithm, uid_root=self.config.dicom_uid_root
+            )
 
         return await self.decoder.in_pool(build)
 

@@ -165,7 +165,8 @@ def test_window_shows_the_services_answer_heatmap_and_report(
     assert part == expected["body_part"]["label"]
     assert f"P(fractured) = {expected['fracture']['probability']:.3f}" in shown["fracture"]
     assert f"threshold {expected['fracture']['threshold']:.3f}" in shown["fracture"]
-    assert shown["fracture"].lower().startswith(f"fracture: {expected['fracture']['label']} ")
+    # an untrained bundle's label is undecided in words (inference.answers.summarise), whatever P says
+    assert shown["fracture"].lower().startswith("fracture: undecided (untrained model) ")
     assert all(name in shown["probabilities"] for name in DEFAULT_PARTS)
     assert "UNTRAINED MODEL" in shown["untrained"]
     assert "untrained" in shown["model"]

@@ -11,12 +11,13 @@ Every object is read back from its Part 10 bytes, the SR through highdicom's own
 from __future__ import annotations
 
 import asyncio
+import copy
 import io
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
@@ -185,26 +186,57 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def european(bundle: Path) -> Case:
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same bundle with `trained: true` in its manifest: its answers are coded present or absent."""
+    points = {"decision": 0.5, "high_sensitivity": 0.3, "high_specificity": 0.7}
+    return build_tiny_bundle(
+        tmp_path_factory.mktemp("dicom-objects-trained") / "tiny",
+        thresholds=dict.fromkeys(PARTS, points),
+        specialist_offsets={"elbow": 0.5},
+        trained=True,
+    )
+
+
+def european_files() -> list[bytes]:
     """Two images of one study under UTF-8: a CR named by its header (answered), a DX MONOCHROME1 routed (abstains)."""
     study = generate_uid()
-    files = [
+    return [
         radiograph(XRAY / "hand/fractured/fracatlas_IMG0001363.jpg", EUROPEAN, study, window=(2048, 4096)),
         radiograph(
             XRAY / "leg/fractured/fracatlas_IMG0002437.jpg", EUROPEAN, study,
             sop_class=DX_PRESENTATION, photometric="MONOCHROME1", bits_stored=16, body_part=None,
         ),
     ]  # fmt: skip
-    return make_case(bundle, files)
+
+
+def japanese_files() -> list[bytes]:
+    """One 8-bit DX (for processing) under ISO 2022 IR 87, no window, the part in its header."""
+    return [
+        radiograph(
+            XRAY / "hand/normal/fracatlas_IMG0001587.jpg", JAPANESE, generate_uid(), sop_class=DX_PROCESSING,
+            bits_stored=8,
+        )
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def european(bundle: Path) -> Case:
+    return make_case(bundle, european_files())
 
 
 @pytest.fixture(scope="module")
 def japanese(bundle: Path) -> Case:
-    """One 8-bit DX (for processing) under ISO 2022 IR 87, no window, the part in its header."""
-    file = radiograph(
-        XRAY / "hand/normal/fracatlas_IMG0001587.jpg", JAPANESE, generate_uid(), sop_class=DX_PROCESSING, bits_stored=8
-    )
-    return make_case(bundle, [file])
+    return make_case(bundle, japanese_files())
+
+
+@pytest.fixture(scope="module")
+def european_trained(trained_bundle: Path) -> Case:
+    return make_case(trained_bundle, european_files())
+
+
+@pytest.fixture(scope="module")
+def japanese_trained(trained_bundle: Path) -> Case:
+    return make_case(trained_bundle, japanese_files())
 
 
 def raw_value(data: bytes, keyword: str) -> bytes:
@@ -291,18 +323,61 @@ def test_sr_is_a_tid_1500_report_with_one_group_per_image_and_one_for_the_study(
     assert evidence == {f.source.SOPInstanceUID for f in european.findings}
 
 
-def test_sr_reports_the_fracture_and_both_operating_points(european: Case, japanese: Case) -> None:
-    named = groups_of(sr_of(european).content)[image_tracking_id(1)]
+def test_sr_reports_the_fracture_and_both_operating_points(european_trained: Case, japanese_trained: Case) -> None:
+    assert european_trained.algorithm.trained
+    named = groups_of(sr_of(european_trained).content)[image_tracking_id(1)]
     assert evaluation(named, bfd_codes.FRACTURE) == bfd_codes.PRESENT
     assert evaluation(named, bfd_codes.SUSPICIOUS) == bfd_codes.PRESENT
     assert evaluation(named, bfd_codes.DEFINITE) == bfd_codes.ABSENT
     assert texts(named[0], bfd_codes.ABSTENTION) == []
-    study = groups_of(sr_of(japanese).content)[STUDY_TRACKING_ID]
-    assert japanese.study.fracture.label == "fractured"
+    study = groups_of(sr_of(japanese_trained).content)[STUDY_TRACKING_ID]
+    assert japanese_trained.study.fracture.label == "fractured"
     assert evaluation(study, bfd_codes.FRACTURE) == bfd_codes.PRESENT
 
 
-def test_sr_reports_abstentions_as_indeterminate_never_absent(european: Case) -> None:
+def test_an_untrained_bundle_is_undecided_in_the_sr_the_gsps_and_the_sc(european: Case, japanese: Case) -> None:
+    """The core labelled these images (one fractured, suspicious, not definite; no abstention), but an untrained
+    bundle's labels mean nothing: every coded evaluation is Indeterminate, and no text reads as a finding."""
+    named = european.findings[0].answer
+    assert not named.model.trained
+    assert (named.abstained, named.fracture.label, named.fracture.suspicious) == (False, "fractured", True)
+    for case in (european, japanese):
+        groups = groups_of(sr_of(case).content)
+        assert len(groups) == len(case.findings) + 1
+        for name, group in groups.items():
+            values = [item.value for item in group.get_qualitative_evaluations()]
+            assert len(values) == 3, name  # the fracture and both operating points: coded, undecided
+            assert set(values) == {bfd_codes.INDETERMINATE}, name
+            [p] = group.get_measurements(name=bfd_codes.PROBABILITY)  # the number is still reported
+            assert 0.0 <= p.value <= 1.0
+        for state, _ in case.of_class(GSPS):
+            words = " ".join(
+                text.UnformattedTextValue for text in state.GraphicAnnotationSequence[0].TextObjectSequence
+            )
+            assert "undecided" in words or "ABSTAINED" in words
+            assert "PRESENT" not in words
+            assert "absent" not in words
+        for capture, _ in case.of_class(SC):
+            comments = str(capture.ImageComments)
+            assert "Fracture: undecided (untrained model)" in comments
+            assert "Fracture: FRACTURED" not in comments
+            assert "Fracture: normal" not in comments
+            assert ": yes" not in comments
+            assert ": no;" not in comments
+
+
+def test_a_trained_bundle_says_present_and_absent_in_the_gsps_and_the_sc(european_trained: Case) -> None:
+    [(named, _), _] = european_trained.of_class(GSPS)
+    words = " ".join(text.UnformattedTextValue for text in named.GraphicAnnotationSequence[0].TextObjectSequence)
+    assert "Fracture PRESENT" in words
+    assert "UNTRAINED" not in words
+    [(capture, _), _] = european_trained.of_class(SC)
+    assert "Fracture: FRACTURED" in capture.ImageComments
+    assert "suspicious (high-sensitivity point): yes" in capture.ImageComments
+
+
+def test_sr_reports_abstentions_as_indeterminate_never_absent(european_trained: Case) -> None:
+    european = european_trained
     groups = groups_of(sr_of(european).content)
     routed = european.findings[1].answer
     for group, reason in ((groups[image_tracking_id(2)], routed.abstention_reason), (groups[STUDY_TRACKING_ID], None)):
@@ -412,6 +487,63 @@ def test_gsps_presents_any_grey_source(
     assert state.PresentationLUTShape == ("INVERSE" if photometric == "MONOCHROME1" else "IDENTITY")
     assert state.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPClassUID == sop_class
     assert state.StudyInstanceUID == source.StudyInstanceUID
+
+
+@pytest.mark.parametrize(
+    ("centres", "widths", "explanation"),
+    [(2048.0, 4096.0, "DEFAULT"), ([2048.0, 1000.0], [4096.0, 800.0], ["DEFAULT", "BONE"])],
+    ids=["one-pair", "two-pairs"],
+)
+def test_gsps_takes_one_window_pair_with_its_explanation_whole(
+    european: Case, centres: Any, widths: Any, explanation: Any
+) -> None:
+    """PS3.3 C.11.8: one pair per image (the first, which the core rendered with); highdicom 0.28 stored a lone
+    explanation one character per value (D\\E\\F\\A\\U\\L\\T)."""
+    data = radiograph(XRAY / "hip/fractured/fracatlas_IMG0002607.jpg", EUROPEAN, generate_uid())
+    source = pydicom.dcmread(io.BytesIO(data))
+    source.WindowCenter, source.WindowWidth, source.WindowCenterWidthExplanation = centres, widths, explanation
+    finding = ImageFinding(source, european.findings[0].answer, european.findings[0].cam, None)
+    state = pydicom.dcmread(io.BytesIO(part10_bytes(presentation_state(finding, european.algorithm, series()))))
+    [voi] = state.SoftcopyVOILUTSequence
+    assert voi["WindowCenter"].VM == voi["WindowWidth"].VM == voi["WindowCenterWidthExplanation"].VM == 1
+    assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (2048.0, 4096.0)
+    assert voi.WindowCenterWidthExplanation == "DEFAULT"
+
+
+@pytest.mark.parametrize(
+    ("laterality", "image_laterality", "body_part", "expected"),
+    [
+        ("L", "L", "ELBOW", "L"),
+        (None, "R", "ELBOW", "R"),
+        (None, "B", "ELBOW", ""),
+        (None, None, "ELBOW", ""),
+        ("", "U", "ELBOW", ""),
+        (None, "U", "PELVIS", None),
+        ("L", "L", "CHEST", None),
+    ],
+)
+def test_results_carry_the_sources_laterality_body_part_and_patient_study(
+    european: Case, laterality: str | None, image_laterality: str | None, body_part: str, expected: str | None
+) -> None:
+    """General Series' Laterality (Type 2C: the objects have no Image Laterality) from the source's Laterality or
+    Image Laterality (R, L; else empty: unknown; absent for an unpaired part), its Body Part Examined, and the
+    patient's age, size and weight."""
+    source = copy.deepcopy(european.findings[0].source)
+    source.BodyPartExamined = body_part
+    for keyword, value in (("Laterality", laterality), ("ImageLaterality", image_laterality)):
+        if value is not None:
+            setattr(source, keyword, value)
+    source.PatientAge, source.PatientSize, source.PatientWeight = "047Y", 1.82, 81.5
+    finding = replace(european.findings[0], source=source)
+    for out in result_objects([finding], european.study, european.algorithm):
+        read = pydicom.dcmread(io.BytesIO(part10_bytes(out)))
+        assert (read.PatientAge, float(read.PatientSize), float(read.PatientWeight)) == ("047Y", 1.82, 81.5)
+        if read.Modality == "SR":  # no General Series module
+            assert "Laterality" not in read
+            continue
+        assert read.get("Laterality") == expected, read.Modality
+        assert ("Laterality" in read) == (expected is not None)
+        assert read.BodyPartExamined == body_part
 
 
 def series(kind: str = "gsps") -> Series:
@@ -587,7 +719,7 @@ def test_the_demo_bundle_answers_into_an_sr() -> None:
 
 
 @pytest.mark.parametrize("bits_stored", [8, 12])
-def test_the_gsps_window_from_the_cores_rendering_equals_the_one_found_by_decoding(bits_stored: int) -> None:
+def test_the_gsps_window_from_the_cores_rendering_equals_the_one_found_by_decoding(bits_stored: Literal[8, 12]) -> None:
     """The node hands the core's min-max range to the GSPS so the source is not decoded twice: same window."""
     from inference.dicom import read_dicom
     from inference.dicom_objects.presentation_state import _window_for
@@ -645,21 +777,54 @@ def test_the_node_builds_the_same_objects_in_a_worker_from_the_headers_alone(
 
 
 def test_the_text_band_has_the_pixels_drawing_the_text_gives() -> None:
-    """Lines are rendered once and pasted (`with_text_band` caches them): the very pixels of drawing each line
-    on the band, also for non-Latin text and for a line wider than the image (clipped alike)."""
+    """Rows are rendered once and pasted (`with_text_band` caches them): the very pixels of drawing each wrapped
+    row on the band, also for non-Latin text and for a word wider than the image (broken between characters)."""
     from PIL import ImageDraw, ImageFont
 
-    from inference.dicom_objects.secondary_capture import BAND_LINE_PX, with_text_band
+    from inference.dicom_objects.secondary_capture import BAND_LINE_PX, BAND_MARGIN_PX, with_text_band, wrap
 
     rng = np.random.default_rng(7)
     lines = ["RESEARCH USE ONLY - not a diagnosis", "Ünïcødé ÄÖ ß – “quotes” …", "P(fractured) = 0.512", "w" * 300]
     for width in (64, 410):
+        rows = [row for line in lines for row in wrap(line, width)]
+        assert len(rows) > len(lines)  # the long word, at least, was wrapped
         rgb = rng.integers(0, 256, (120, width, 3), dtype=np.uint8)
-        band = BAND_LINE_PX * len(lines) + 8
+        band = BAND_LINE_PX * len(rows) + 2 * BAND_MARGIN_PX
         expected = Image.new("RGB", (width, 120 + band), (0, 0, 0))
         expected.paste(Image.fromarray(rgb, mode="RGB"), (0, band))
         draw, font = ImageDraw.Draw(expected), ImageFont.load_default()
-        for index, line in enumerate(lines):
-            draw.text((4, 4 + index * BAND_LINE_PX), line, fill=(255, 255, 255), font=font)
+        for index, row in enumerate(rows):
+            draw.text((BAND_MARGIN_PX, BAND_MARGIN_PX + index * BAND_LINE_PX), row, fill=(255, 255, 255), font=font)
         for _ in range(2):  # rendered, then from the cache
             assert np.array_equal(with_text_band(rgb, lines), np.asarray(expected))
+
+
+@pytest.mark.parametrize("columns", [96, 180, 373, 1400])
+def test_the_sc_text_fits_narrow_and_wide_images(european: Case, columns: int) -> None:
+    """Every sentence of the summary is in the band, and no ink reaches the right margin: a narrow radiograph's
+    capture cut its sentences at the right edge ('...do n', '...the router said shoulde')."""
+    from PIL import ImageFont
+
+    from inference.answers import summary_lines
+    from inference.dicom_objects.secondary_capture import BAND_MARGIN_PX, wrap
+
+    finding = european.findings[1]  # the abstained one: the longest summary
+    assert finding.overlay_rgb is not None
+    overlay = np.asarray(Image.fromarray(finding.overlay_rgb).resize((columns, 300)))
+    narrow = replace(finding, overlay_rgb=overlay)
+    [capture] = result_objects([narrow], european.study, european.algorithm, kinds=("sc",))
+    pixels = pydicom.dcmread(io.BytesIO(part10_bytes(capture))).pixel_array
+    assert pixels.shape[1:] == (columns, 3)
+    np.testing.assert_array_equal(pixels[-300:], overlay)
+    band = pixels[:-300]
+    ink = band.max(axis=(0, 2)) > 0  # per column: any text pixel
+    assert ink[BAND_MARGIN_PX : BAND_MARGIN_PX + 5].any()
+    assert not ink[-BAND_MARGIN_PX:].any(), "text reaches the right edge: cut"
+    lines = summary_lines(narrow.answer)
+    font = ImageFont.load_default()
+    for line in lines:
+        rows = wrap(line, columns)
+        assert "".join(rows).replace(" ", "") == line.replace(" ", "")  # nothing dropped
+        assert all(BAND_MARGIN_PX + font.getbbox(row)[2] <= columns - BAND_MARGIN_PX for row in rows), rows
+    text_rows = np.flatnonzero(band.max(axis=(1, 2)) > 0)
+    assert text_rows.max() < band.shape[0] - 1  # the band is tall enough for every row: the last is not cut

@@ -5,13 +5,14 @@ per image a measurement group with finding site, the fracture evaluation, P(frac
 and the heatmap's hottest region, then the study's answer), a Grayscale Softcopy Presentation State per grey
 image (`presentation_state`: the region and a few words over the untouched source) and a Secondary Capture
 per image (`secondary_capture`: the heatmap overlay under the summary text). Every object: a new series per
-kind in the source study, 'RESEARCH USE ONLY - not a diagnosis' in its series description, new UIDs, the
-source's patient, study and character set copied exactly (`patient_study`). An abstention is reported as
-Indeterminate with its reason, never as Absent; an untrained bundle says so in the objects and the series
-descriptions.
+kind in the source study, 'RESEARCH USE ONLY - not a diagnosis' in its series description, new UIDs under
+the root given (`uids`: the site's, or pydicom's example root for research use), the source's patient, study
+and character set copied exactly (`patient_study`). An abstention is reported as Indeterminate with its
+reason, never as Absent; an untrained bundle says so in the objects and the series descriptions, and its
+findings are Indeterminate (undecided in the text), never present or absent.
 
-Modules: `findings` (the inputs), `region` (the hottest region), `codes` (every coded concept), `series`,
-`patient_study`, one per object kind, and `build` (all objects of a study; Part 10 bytes).
+Modules: `findings` (the inputs), `region` (the hottest region), `codes` (every coded concept), `uids`,
+`series`, `patient_study`, one per object kind, and `build` (all objects of a study; Part 10 bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference.dicom_objects.findings import Algorithm, ImageFinding, Region
 from inference.dicom_objects.region import hottest_region
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT, check_uid_root
 
 if TYPE_CHECKING:
     from inference.dicom_objects.build import RESULT_KINDS, part10_bytes, result_objects
@@ -37,10 +39,12 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_UID_ROOT",
     "RESULT_KINDS",
     "Algorithm",
     "ImageFinding",
     "Region",
+    "check_uid_root",
     "hottest_region",
     "part10_bytes",
     "result_objects",

@@ -2,8 +2,9 @@
 
 One call, one study: the SR (one for the study), a GSPS per grey source image, a Secondary Capture per source
 image (each overlay is of one image), each kind in a new series of its own, all with the same content date
-and time. The answers must come from the algorithm named (same name, version and trained flag): an object
-must never credit one bundle with another's answer.
+and time, every new UID under the `uid_root` given (the site's root: `inference.dicom_objects.uids`). The
+answers must come from the algorithm named (same name, version and trained flag): an object must never credit
+one bundle with another's answer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from inference.dicom_objects.presentation_state import is_grey, presentation_sta
 from inference.dicom_objects.secondary_capture import secondary_capture_image
 from inference.dicom_objects.series import Series
 from inference.dicom_objects.structured_report import structured_report
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT, check_uid_root
 from inference.results import StudyAnswer
 
 RESULT_KINDS = ("sr", "gsps", "sc")
@@ -33,31 +35,48 @@ def result_objects(
     study: StudyAnswer,
     algorithm: Algorithm,
     kinds: Collection[str] = RESULT_KINDS,
+    uid_root: str = DEFAULT_UID_ROOT,
 ) -> list[Dataset]:
-    """The study's result objects, in RESULT_KINDS order (SR, then GSPS and SC in the findings' order).
+    """The study's result objects, in RESULT_KINDS order (SR, then GSPS and SC in the findings' order), every
+    UID they create under `uid_root`.
 
     A colour source (one the core abstains on as not a radiograph) gets no GSPS: a grayscale presentation
     state cannot present it; the SR and its SC still report it. ValueError for no findings, an unknown
-    kind, findings of more than one study, a source image twice, a source without the UIDs and size a
-    reference needs, or answers of another bundle than `algorithm`.
+    kind, a malformed `uid_root`, findings of more than one study, a source image twice, a source without
+    the UIDs and size a reference needs, or answers of another bundle than `algorithm`.
     """
     unknown = sorted(set(kinds) - set(RESULT_KINDS))
     if unknown:
         raise ValueError(f"unknown result kinds {unknown}; expected some of {list(RESULT_KINDS)}")
+    check_uid_root(uid_root)
     _check(findings, algorithm)
     now = datetime.now()
     out: list[Dataset] = []
+
+    def new_series(kind: str, of: Sequence[ImageFinding]) -> Series:
+        sources = [finding.source for finding in of]
+        return Series.new(kind, trained=algorithm.trained, now=now, uid_root=uid_root, sources=sources)
+
     if "sr" in kinds:
-        out.append(structured_report(findings, study, algorithm, Series.new("sr", trained=algorithm.trained, now=now)))
+        out.append(structured_report(findings, study, algorithm, new_series("sr", findings), uid_root))
     if "gsps" in kinds:
-        series = Series.new("gsps", trained=algorithm.trained, now=now)
         grey = [finding for finding in findings if is_grey(finding.source)]
-        out.extend(presentation_state(f, algorithm, series, instance_number=n) for n, f in enumerate(grey, 1))
+        series = new_series("gsps", grey)
+        out.extend(
+            presentation_state(f, algorithm, series, instance_number=n, uid_root=uid_root)
+            for n, f in enumerate(grey, 1)
+        )
     if "sc" in kinds:
-        series = Series.new("sc", trained=algorithm.trained, now=now)
+        series = new_series("sc", findings)
         out.extend(
             secondary_capture_image(
-                f.source, f.overlay_rgb, summary_lines(f.answer), series, algorithm=algorithm, instance_number=n
+                f.source,
+                f.overlay_rgb,
+                summary_lines(f.answer),
+                series,
+                algorithm=algorithm,
+                instance_number=n,
+                uid_root=uid_root,
             )
             for n, f in enumerate(findings, 1)
         )

@@ -1,9 +1,10 @@
 """Patient and study identity: the source's, exactly, in every result object.
 
 A PACS files an object by its patient and study, so each result object carries the source's Patient module
-(PS3.3 C.7.1.1) and General Study module (C.7.2.1) attributes element for element, and Specific Character
-Set (0008,0005) as the source has it. Only what the source has: an attribute it lacks (even a Type 2 one,
-such as Patient's Birth Date) stays absent, so a result never says more about a patient than its source did.
+(PS3.3 C.7.1.1), General Study module (C.7.2.1) and the Patient Study module's age, size and weight
+(C.7.2.2) element for element, and Specific Character Set (0008,0005) as the source has it. Only what the
+source has: an attribute it lacks (even a Type 2 one, such as Patient's Birth Date) stays absent, so a result
+never says more about a patient than its source did.
 
 highdicom's constructors read these attributes from a reference dataset, check and re-encode them; they are
 given a header-only stand-in instead (`stand_in`: no pixel data, UTF-8, patient and study values empty), and
@@ -40,7 +41,11 @@ GENERAL_STUDY_MODULE = (
     "PhysiciansReadingStudyIdentificationSequence", "RequestingService", "RequestingServiceCodeSequence",
     "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
 )  # fmt: skip
-IDENTITY = (*PATIENT_MODULE, *GENERAL_STUDY_MODULE)
+# The Patient Study module's values a source image carries about the patient at this study (the rest of it,
+# admission and history, stays with the order and the RIS): without them the results of a study disagree with
+# its images on the patient's age (dcentvfy).
+PATIENT_STUDY_MODULE = ("PatientAge", "PatientSize", "PatientWeight")
+IDENTITY = (*PATIENT_MODULE, *GENERAL_STUDY_MODULE, *PATIENT_STUDY_MODULE)
 # What highdicom's constructors read as attributes (a missing one raises there): empty in the stand-in.
 _READ_BY_HIGHDICOM = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
@@ -59,7 +64,7 @@ CONSTRUCTION_CHARSET = "ISO_IR 192"  # UTF-8 holds any decoded value; the source
 # what a study waiting for its answer keeps of each instance (`results_header`), nothing else.
 RESULTS_HEADER = (
     *IDENTITY, *IMAGE_HEADER, "SpecificCharacterSet", "SmallestImagePixelValue", "LargestImagePixelValue",
-    "Laterality", "ImageLaterality", "BodyPartExamined", "ViewPosition", "PatientAge", "PatientSize", "PatientWeight",
+    "Laterality", "ImageLaterality", "BodyPartExamined", "ViewPosition",
 )  # fmt: skip
 ELEMENT_OVERHEAD_BYTES = 400  # pydicom's objects per element besides its value (inference.dicom_file)
 

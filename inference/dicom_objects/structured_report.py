@@ -16,7 +16,11 @@ Document content, in order:
 - a Comment with the research-use disclaimer, and, for an untrained bundle, the UNTRAINED warning.
 
 An abstention (the model is out of its depth) makes every evaluation of its group Indeterminate, never Absent,
-and adds the reason as text; P is still reported, as the core reports it.
+and adds the reason as text; P is still reported, as the core reports it. An untrained bundle's evaluations
+are all Indeterminate too: its numbers mean nothing, and a system reading coded findings must not show a
+definite 'absent' (or 'present') from it; its P is reported, and the UNTRAINED warning says why.
+
+Every UID made here (SOP Instance, tracking identifiers, the device observer's) is under the `uid_root` given.
 """
 
 from __future__ import annotations
@@ -47,13 +51,13 @@ from highdicom.sr import (
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dicom_codes
-from pydicom.uid import generate_uid
 
 from inference.dicom_objects import codes
 from inference.dicom_objects.findings import Algorithm, ImageFinding
 from inference.dicom_objects.patient_study import CONSTRUCTION_CHARSET, restore_identity, stand_in
 from inference.dicom_objects.region import region_of
 from inference.dicom_objects.series import MANUFACTURER, Series, equipment, stamp
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT, derived_uid, new_uid
 from inference.results import DISCLAIMER, UNTRAINED_WARNING, FractureAnswer, StudyAnswer
 
 Group = PlanarROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
@@ -65,19 +69,24 @@ def image_tracking_id(index: int) -> str:
     return f"Image {index}"
 
 
-def device_uid(algorithm: Algorithm) -> str:
-    """The Device Observer UID: derived from the bundle's sha256, so one bundle is one device in every report."""
-    return str(generate_uid(entropy_srcs=["bone-fracture-detection", algorithm.sha256]))
+def device_uid(algorithm: Algorithm, uid_root: str = DEFAULT_UID_ROOT) -> str:
+    """The Device Observer UID: derived from the bundle's sha256 (under `uid_root`), so one bundle is one device
+    in every report of a site."""
+    return derived_uid(uid_root, "bone-fracture-detection", algorithm.sha256)
 
 
 def structured_report(
-    findings: Sequence[ImageFinding], study: StudyAnswer, algorithm: Algorithm, series: Series
+    findings: Sequence[ImageFinding],
+    study: StudyAnswer,
+    algorithm: Algorithm,
+    series: Series,
+    uid_root: str = DEFAULT_UID_ROOT,
 ) -> Dataset:
     """One Comprehensive SR for the study of `findings` (all of one study: the caller checks)."""
-    groups: list[Group] = [_image_group(n, finding, algorithm) for n, finding in enumerate(findings, 1)]
-    groups.append(_study_group(findings, study, algorithm))
+    groups: list[Group] = [_image_group(n, finding, algorithm, uid_root) for n, finding in enumerate(findings, 1)]
+    groups.append(_study_group(findings, study, algorithm, uid_root))
     device = DeviceObserverIdentifyingAttributes(
-        uid=device_uid(algorithm),
+        uid=device_uid(algorithm, uid_root),
         name=algorithm.name,
         manufacturer_name=MANUFACTURER,
         model_name=f"{algorithm.name} {algorithm.version}",
@@ -101,7 +110,7 @@ def structured_report(
         content=report,
         series_instance_uid=series.uid,
         series_number=series.number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=new_uid(uid_root),
         instance_number=1,
         is_complete=True,  # everything the algorithm has to say; PRELIMINARY and UNVERIFIED: no one signed it
         specific_character_set=CONSTRUCTION_CHARSET,
@@ -113,16 +122,16 @@ def structured_report(
     return sr
 
 
-def _image_group(index: int, finding: ImageFinding, algorithm: Algorithm) -> Group:
+def _image_group(index: int, finding: ImageFinding, algorithm: Algorithm, uid_root: str) -> Group:
     source, answer = finding.source, finding.answer
     region = region_of(finding.cam, int(source.Rows), int(source.Columns))
     common: dict[str, Any] = {
-        "tracking_identifier": TrackingIdentifier(uid=generate_uid(), identifier=image_tracking_id(index)),
+        "tracking_identifier": TrackingIdentifier(uid=new_uid(uid_root), identifier=image_tracking_id(index)),
         "finding_type": codes.FRACTURE,
         "finding_sites": [FindingSite(codes.finding_site(answer.body_part.label))],
         "algorithm_id": _algorithm_id(algorithm),
         "measurements": [_probability(answer.fracture.probability)],
-        "qualitative_evaluations": _evaluations(answer.fracture, abstained=answer.abstained),
+        "qualitative_evaluations": _evaluations(answer.fracture, decided=algorithm.trained and not answer.abstained),
     }
     group: Group
     if region is None:
@@ -143,14 +152,14 @@ def _image_group(index: int, finding: ImageFinding, algorithm: Algorithm) -> Gro
     return group
 
 
-def _study_group(findings: Sequence[ImageFinding], study: StudyAnswer, algorithm: Algorithm) -> Group:
+def _study_group(findings: Sequence[ImageFinding], study: StudyAnswer, algorithm: Algorithm, uid_root: str) -> Group:
     group = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=STUDY_TRACKING_ID),
+        tracking_identifier=TrackingIdentifier(uid=new_uid(uid_root), identifier=STUDY_TRACKING_ID),
         finding_type=codes.FRACTURE,
         finding_sites=[FindingSite(codes.finding_site(study.body_part.label))],
         algorithm_id=_algorithm_id(algorithm),
         measurements=[_probability(study.fracture.probability)],
-        qualitative_evaluations=_evaluations(study.fracture, abstained=study.abstained),
+        qualitative_evaluations=_evaluations(study.fracture, decided=algorithm.trained and not study.abstained),
         source_images=[SourceImageForMeasurementGroup.from_source_image(f.source) for f in findings],
     )
     _add_text(group, codes.STUDY_RULE, study.rule)
@@ -159,11 +168,12 @@ def _study_group(findings: Sequence[ImageFinding], study: StudyAnswer, algorithm
     return group
 
 
-def _evaluations(fracture: FractureAnswer, *, abstained: bool) -> list[QualitativeEvaluation]:
-    """Fracture at the decision threshold, then each operating point known; all Indeterminate on abstention."""
+def _evaluations(fracture: FractureAnswer, *, decided: bool) -> list[QualitativeEvaluation]:
+    """Fracture at the decision threshold, then each operating point known; all Indeterminate unless `decided`
+    (a trained bundle that did not abstain)."""
 
     def value(flag: bool) -> CodedConcept:
-        if abstained:
+        if not decided:
             return codes.INDETERMINATE
         return codes.PRESENT if flag else codes.ABSENT
 
