@@ -15,6 +15,9 @@ class NodeEvents:
     def instance(self, door: Door, status: int) -> None:
         """One instance answered at a door: 0x0000 'stored' (taken), or the status it was refused with."""
 
+    def own_result(self, door: Door) -> None:
+        """One of the node's own result objects came back (a routing loop): answered 'stored', not analysed."""
+
     def recovered(self, instances: int) -> None:
         """Instances a previous run received and did not answer, taken back from the spool at start-up."""
 
@@ -25,4 +28,5 @@ class NodeEvents:
         """A connection to the TLS port turned away at the handshake (plain TCP, an untrusted certificate, silence)."""
 
     def delivery(self, outcome: str, objects: int) -> None:
-        """One delivery attempt of `objects` result objects: 'delivered', 'retry' or 'refused' (given up)."""
+        """One delivery attempt of `objects` result objects: 'delivered', 'retry' or 'refused' (given up); or
+        'readdressed': pending for a destination no longer configured, moved to the one configured now."""

@@ -6,6 +6,13 @@ one set of models. `receive()` is the one entry for both doors. On stop, the SCP
 every waiting study is answered and put in the outbox (nothing acknowledged is dropped), then the delivery
 loop stops; what it did not deliver is sent after the next start. With a spool (`dicom_node.spool`), what a
 crash interrupted is taken back at the next start: instances received and not yet answered, from disk.
+
+Two things are taken without analysis or refused before anything is kept. The node's own result objects
+(`dicom_node.scope.own_result`), routed back to it by a PACS or by a destination that is the node itself, are
+answered 'stored' and analysed no further (else each answer makes results of results, for ever); the audit
+says `own_result`. An instance of another patient than the first one seen for its Study Instance UID is
+refused (0xC000, `dicom_node.studies.StudyCollector.claim_patient`): the sender hears of the mix-up, the
+audit records it, and no answer ever names two patients' instances.
 """
 
 from __future__ import annotations
@@ -29,13 +36,14 @@ from dicom_node.scope import (
     OUT_OF_RESOURCES,
     SOP_CLASS_NOT_SUPPORTED,
     SUCCESS,
-    sop_class_refusal,
+    not_analysed,
+    own_result,
     transfer_syntax_refusal,
 )
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import DeliveryLoop
 from dicom_node.spool import Spool, SpooledInstance
-from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector
+from dicom_node.studies import Door, ReceivedInstance, ReceivedStudy, StudyCollector, patient_key
 from dicom_node.tls import client_context, server_context
 from inference.dicom_header import DicomError, brief
 from inference.errors import ImageError
@@ -45,16 +53,26 @@ log = logging.getLogger(__name__)
 
 PUT_RETRY_MAX_S = 30.0
 SHUTDOWN_PUT_S = 30.0
+# 'cannot understand': a Study Instance UID whose instances name two patients is a mix-up the sender must see
+ANOTHER_PATIENT = CANNOT_UNDERSTAND
+ANOTHER_PATIENT_REASON = (
+    "this Study Instance UID already holds instances of another patient (Patient ID or issuer differs): "
+    "not analysed, so one answer never combines two patients"
+)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class InstanceKeys:
-    """What the door needs of an instance's header: its UIDs (no patient data)."""
+    """What the door needs of an instance's header: its UIDs, who made it, and whose it is as a `patient_key`
+    (no patient data: the key is a keyed hash that never leaves the process)."""
 
     sop_class: str
     sop_instance: str
     study_uid: str
     syntax: str
+    manufacturer: str = ""
+    series_number: int | None = None
+    patient: str = ""
 
     @classmethod
     def of(cls, header: Any) -> InstanceKeys:
@@ -65,9 +83,23 @@ class InstanceKeys:
                 str(header.get("SOPInstanceUID", "")),
                 str(header.get("StudyInstanceUID", "")),
                 str(getattr(meta, "TransferSyntaxUID", "")),
+                str(header.get("Manufacturer", "") or ""),
+                _integer(header.get("SeriesNumber")),
+                patient_key(str(header.get("PatientID", "") or ""), str(header.get("IssuerOfPatientID", "") or "")),
             )
         except Exception as error:
             raise DicomError(f"its UIDs cannot be read: {type(error).__name__}: {brief(error)}") from error
+
+    def __repr__(self) -> str:
+        return f"InstanceKeys({self.sop_class}, {self.sop_instance}, study {self.study_uid})"
+
+
+def _integer(value: Any) -> int | None:
+    """An IS value as an int; None when absent or not a whole number (a Series Number is compared, never used)."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -99,14 +131,16 @@ class DicomNode:
         self._tls_in = server_context(config.tls) if config.tls.listen else None
         tls_out = client_context(config.tls) if config.tls.deliver else None
         self.audit = AuditLog(config.audit_log)
-        self.builder = ObjectBuilder(config.build_processes)
+        self.builder = ObjectBuilder(config.build_processes, config.uid_root)
         self.analyser = StudyAnalyser(predictor, config.outputs, self.builder)
         self.collector = StudyCollector(
             self._on_study,
             quiet_s=config.quiet_s,
             max_instances=config.study_max_instances,
             held_bytes_budget=config.held_bytes_budget,
+            max_wait_s=config.study_max_wait_s,
         )
+        self._uid_root = config.uid_root  # the site's: a second sign of the node's own objects
         self.sender = DeliveryLoop(
             outbox,
             self.audit,
@@ -119,7 +153,11 @@ class DicomNode:
             events=self.events,
             tls=tls_out,
         )
-        self.spool = Spool(config.spool_dir) if config.spool_dir is not None else None
+        self.spool = (
+            Spool(config.spool_dir, max_instance_bytes=config.max_instance_bytes)
+            if config.spool_dir is not None
+            else None
+        )
         self.room = Room(predictor, self.collector, self.spool, config)
         self._recovery: asyncio.Task[None] | None = None
         self.scp: StorageSCP | None = None
@@ -183,12 +221,16 @@ class DicomNode:
             return Receipt(
                 CANNOT_UNDERSTAND, sop_class, sop_instance, "SOP Class, SOP Instance and Study Instance UIDs needed"
             )
-        if (reason := sop_class_refusal(sop_class)) is not None:
+        if kind := own_result(sop_class, sop_instance, keys.manufacturer, keys.series_number, self._uid_root):
+            return self._own(kind, keys, door, calling_ae, peer)
+        if (reason := not_analysed(sop_class)) is not None:
             return self._refused(SOP_CLASS_NOT_SUPPORTED, sop_class, sop_instance, reason, door, calling_ae)
         if (reason := self.room.too_large(len(data))) is not None:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         if syntax and (reason := transfer_syntax_refusal(syntax)) is not None:
             return self._refused(CANNOT_UNDERSTAND, sop_class, sop_instance, reason, door, calling_ae)
+        if not self.collector.claim_patient(study_uid, keys.patient):  # decided here, before any wait: no race
+            return self._another_patient(sop_class, sop_instance, study_uid, door, calling_ae)
         if self.stopping:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, "shutting down", door, calling_ae)
         if (reason := await self.room.wait(len(data), study_uid, lambda: self.stopping)) is not None:
@@ -198,6 +240,35 @@ class DicomNode:
             return self._refused(OUT_OF_RESOURCES, sop_class, sop_instance, reason, door, calling_ae)
         self._take(instance)
         return Receipt(SUCCESS, sop_class, sop_instance)
+
+    def _own(self, kind: str, keys: InstanceKeys, door: Door, calling_ae: str | None, peer: str | None) -> Receipt:
+        """One of the node's own result objects came back: 'stored', and nothing more (not kept, not analysed)."""
+        self.audit.write(
+            "own_result",
+            door=door,
+            calling_ae=calling_ae,
+            peer=peer,
+            kind=kind,
+            sop_class_uid=keys.sop_class,
+            sop_instance_uid=keys.sop_instance,
+            study_instance_uid=keys.study_uid,
+            reason="a result object this software made: answered 'stored', not analysed again",
+        )
+        self.events.own_result(door)
+        log.debug("%s: own %s result %s came back; not analysed again", door, kind, keys.sop_instance)
+        return Receipt(SUCCESS, keys.sop_class, keys.sop_instance)
+
+    def _another_patient(
+        self, sop_class: str, sop_instance: str, study_uid: str, door: Door, calling_ae: str | None
+    ) -> Receipt:
+        log.warning(
+            "study %s: instance %s is of another patient than the study's first; refused (the patient is not named)",
+            study_uid,
+            sop_instance,
+        )
+        return self._refused(
+            ANOTHER_PATIENT, sop_class, sop_instance, ANOTHER_PATIENT_REASON, door, calling_ae, study_uid=study_uid
+        )
 
     def _take(self, instance: ReceivedInstance) -> None:
         self.analyser.begin(instance, self.collector.analysed)  # analysed while the rest of its study arrives
@@ -236,17 +307,47 @@ class DicomNode:
             except OSError as error:
                 log.error("spool: %s could not be read back (%s); left in place", entry.path.name, error)
                 continue
+            if await self._of_another_patient(instance):
+                continue
             self._take(instance)
 
+    async def _of_another_patient(self, instance: ReceivedInstance) -> bool:
+        """Whether an instance taken back from the spool is of another patient than its study's (one that arrived
+        since the restart came first): then it is refused now, in the audit, and its file goes."""
+        try:
+            keys = await self.predictor.decoder.read_header(
+                instance.data, force=instance.door == "dimse", extract=InstanceKeys.of
+            )
+        except ImageError:
+            return False  # its analysis says why it cannot be read
+        if self.collector.claim_patient(instance.study_uid, keys.patient):
+            return False
+        self._another_patient(
+            instance.sop_class_uid, instance.sop_instance_uid, instance.study_uid, instance.door, instance.calling_ae
+        )
+        assert self.spool is not None
+        await asyncio.to_thread(self.spool.forget, [instance])
+        return True
+
     def _refused(
-        self, status: int, sop_class: str, sop_instance: str, reason: str, door: Door, calling_ae: str | None
+        self,
+        status: int,
+        sop_class: str,
+        sop_instance: str,
+        reason: str,
+        door: Door,
+        calling_ae: str | None,
+        *,
+        study_uid: str | None = None,
     ) -> Receipt:
+        where = {"study_instance_uid": study_uid} if study_uid is not None else {}
         self.audit.write(
             "refused",
             door=door,
             calling_ae=calling_ae,
             sop_class_uid=sop_class,
             sop_instance_uid=sop_instance,
+            **where,
             status=f"{status:#06x}",
             reason=reason,
         )

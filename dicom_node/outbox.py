@@ -46,6 +46,11 @@ class Outbox(Protocol):
     async def delivered(self, ids: Sequence[int], status: str, now: datetime) -> None:
         """Confirmed by the destination: the payload (it carries patient data) is dropped, the row stays."""
 
+    async def readdress(self, ids: Sequence[int], destination: str) -> list[int]:
+        """Move claimed entries to `destination` (the one configured now), still claimed, attempts from 0; the
+        ids moved. One whose object is already held for `destination` is not moved: it is given up, its payload
+        dropped (the one held there goes instead)."""
+
     async def failed(self, ids: Sequence[int], status: str, retry_at: datetime | None) -> None:
         """Not delivered: tried again at `retry_at`, or never (None: a permanent refusal, kept for the audit)."""
 

@@ -5,7 +5,9 @@ the node: a PACS whose routing rule sends a CT series, a tomosynthesis or a mult
 node (or a sender that never stops) would grow the service until the kernel kills it, HTTP included. Here each
 data set is gathered in a `ReceiveBuffer`, which at every fragment asks the node's `ReceiveGate`:
 - an instance of a SOP class the node does not analyse (from the C-STORE request's command, which comes first)
-  is not kept at all: its fragments are read and dropped, and it is answered 0x0122 as before;
+  is not kept at all: its fragments are read and dropped, and it is answered 0x0122 as before; the SOP classes
+  of the node's own result objects (SR, GSPS, Secondary Capture) are kept under the same limits, so that their
+  header can tell one of its own results sent back (`dicom_node.scope.own_result`) from another's;
 - one larger than `max_instance_bytes` (or the budget) stops being kept once it passes it (0xA700, with the limit);
 - the bytes being received by every association, plus what the node holds for unanswered studies, stay within
   the held-bytes budget. A fragment that does not fit waits up to `wait_s` (the association's reader stops

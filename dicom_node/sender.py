@@ -8,6 +8,14 @@ doubling to `retry_max_s`); a permanent refusal of a batch is retried one object
 object cannot hold back the others, and an object refused on its own is given up (kept in the outbox and
 the audit with the reason). A database outage only delays the loop. Each attempt goes to the audit log.
 `wake()` starts a round at once (new results); otherwise the loop looks every `poll_s`.
+
+Results go only to a destination configured now; the outbox's address is never parsed and contacted. An entry
+pending for a destination no longer configured (the setting was corrected, and the service restarted, while
+results waited) is re-addressed to the current destination, the first of `destinations`, in the outbox, the
+log and the audit (`readdressed`, from and to), then sent there. Why not hold it: the node has one
+destination, where the operator says all its results go now; an operator who fixes a typo expects the waiting
+results at the corrected address, and nothing would ever release held ones. The old address, perhaps a
+stranger's host, never receives them.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import ssl
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from dicom_node.audit import AuditLog
@@ -52,10 +61,13 @@ class DeliveryLoop:
     ) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if not destinations:
+            raise ValueError("a delivery loop needs a destination, got none")
         self.outbox = outbox
         self.audit = audit
         # the outbox names a destination by `describe()` (no credentials); the configured ones are known by it
         self.destinations = {d.describe(): d for d in destinations}
+        self.current = destinations[0].describe()  # where entries for a destination no longer configured go
         self.calling_ae = calling_ae
         self.timeout_s = timeout_s
         self.retry_initial_s = retry_initial_s
@@ -103,6 +115,8 @@ class DeliveryLoop:
         """One round: claim what is due and try it; returns how many entries were tried."""
         now = datetime.now(UTC)
         claimed = await self.outbox.claim(BATCH * self.parallel, now, self.lease_s)
+        tried = len(claimed)
+        claimed = await self._configured(claimed)
         by_destination: dict[str, list[Claimed]] = defaultdict(list)
         for entry in claimed:
             by_destination[entry.destination].append(entry)
@@ -118,12 +132,47 @@ class DeliveryLoop:
                 await self._send(destination, entries, one_by_one_on_refusal=True)
 
         await asyncio.gather(*(send(destination, entries) for destination, entries in batches))
-        return len(claimed)
+        return tried
+
+    async def _configured(self, claimed: Sequence[Claimed]) -> list[Claimed]:
+        """The claimed entries, each addressed to a destination configured now: those for another (an old
+        setting) are re-addressed to the current one, or given up where the object is already held for it."""
+        stale = [e for e in claimed if e.destination not in self.destinations]
+        if not stale:
+            return list(claimed)
+        moved = set(await self.outbox.readdress([e.id for e in stale], self.current))
+        by_old: dict[str, list[Claimed]] = defaultdict(list)
+        for entry in stale:
+            by_old[entry.destination].append(entry)
+        for old, entries in by_old.items():
+            kept = [e for e in entries if e.id in moved]
+            log.warning(
+                "DICOM delivery: %d object(s) waiting for %s, which is no longer configured, go to %s instead%s",
+                len(entries),
+                old,
+                self.current,
+                f" ({len(entries) - len(kept)} already held for it)" if len(kept) < len(entries) else "",
+            )
+            self.events.delivery("readdressed", len(kept))
+            self.audit.write(
+                "readdressed",
+                study_ref=sorted({e.study_ref for e in entries}),
+                previous_destination=old,
+                destination=self.current,
+                sop_instance_uids=[e.sop_instance_uid for e in kept],
+                already_held=[e.sop_instance_uid for e in entries if e.id not in moved],
+                reason="its destination is no longer configured: never sent there",
+            )
+        return [
+            e if e.destination in self.destinations else replace(e, destination=self.current, attempts=0)
+            for e in claimed
+            if e.destination in self.destinations or e.id in moved
+        ]
 
     async def _send(self, destination: str, entries: Sequence[Claimed], *, one_by_one_on_refusal: bool) -> None:
         uids = [e.sop_instance_uid for e in entries]
+        target = self.destinations[destination]  # `_configured`: only a destination configured now
         try:
-            target = self.destinations.get(destination) or Destination.parse(destination)
             delivered = await asyncio.to_thread(
                 deliver,
                 target,
@@ -151,10 +200,6 @@ class DeliveryLoop:
                 error.reason,
                 f"; retrying at {retry_at:%H:%M:%S}" if retry_at else "; given up",
             )
-            return
-        except ValueError as error:  # a destination that no longer parses: nothing will ever deliver it
-            await self.outbox.failed([e.id for e in entries], str(error), None)
-            self._audit(entries, destination, "refused", str(error), max(e.attempts for e in entries) + 1)
             return
         statuses = ",".join(sorted({_status(d.status, target.kind) for d in delivered}))
         await self.outbox.delivered([e.id for e in entries], f"delivered ({statuses})", datetime.now(UTC))

@@ -10,11 +10,16 @@ send). At start-up the node takes back whatever is left, as if it had just arriv
 The spool holds the sources with their patient data, as the outbox holds the results: it is off unless set,
 and empty once every study received has been answered. Files are named by a random key, never by a UID or
 anything else the sender chose; a JSON sidecar says where the instance came from.
+
+What is taken back is sized before it is read: a data file over `max_instance_bytes` (no instance that large
+was ever taken; something else put it there, or the limit was lowered) and facts over MAX_FACTS_BYTES are
+left in place and logged for an operator, never read whole into memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ DATA_SUFFIX = ".dcm"
 FACTS_SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o600  # readable by the service's user alone: the files carry patient data
+MAX_FACTS_BYTES = 64 * 1024  # a sidecar is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,16 @@ class SpooledInstance:
     received_at: float
     path: Path
     size: int  # bytes of the data file, as found
+    max_bytes: int | None = None  # the most `load` reads (the node's max instance bytes); None: no limit
 
     def load(self) -> ReceivedInstance:
-        """The instance as the node received it, bytes read back from disk."""
+        """The instance as the node received it, bytes read back from disk. OSError when the file is now larger
+        than `max_bytes` (it grew since it was found): nothing past the limit is read."""
         return ReceivedInstance(
             self.study_uid,
             self.sop_class_uid,
             self.sop_instance_uid,
-            self.path.read_bytes(),
+            _read_at_most(self.path, self.max_bytes),
             self.door,
             self.calling_ae,
             self.peer,
@@ -67,8 +75,9 @@ class SpooledInstance:
 class Spool:
     """A folder of received instances, each a Part 10 file and its facts (written and synced, then renamed)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, max_instance_bytes: int | None = None) -> None:
         self.folder = folder
+        self.max_instance_bytes = max_instance_bytes  # larger data files are left in place, never read
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # patient data: the service's user only
         self._sizes: dict[str, int] = {}  # bytes on disk by key, for the node's disk budget
         self._lock = threading.Lock()  # keep and forget run in worker threads
@@ -130,7 +139,7 @@ class Spool:
         key = facts_path.stem
         data_path = facts_path.with_suffix(DATA_SUFFIX)
         try:
-            facts = json.loads(facts_path.read_bytes())
+            facts = json.loads(_read_at_most(facts_path, MAX_FACTS_BYTES))
             door: Door = "stow-rs" if facts["door"] == "stow-rs" else "dimse"
             study_uid, sop_class_uid = str(facts["study_uid"]), str(facts["sop_class_uid"])
             sop_instance_uid, received_at = str(facts["sop_instance_uid"]), float(facts.get("received_at", 0.0))
@@ -143,6 +152,15 @@ class Spool:
             log.error("spool: %s has no data file; its facts are removed", facts_path.name)
             facts_path.unlink(missing_ok=True)
             return None
+        if self.max_instance_bytes is not None and size > self.max_instance_bytes:
+            log.error(
+                "spool: %s holds %d bytes, over the node's limit of %d for an instance; left in place for an "
+                "operator, not read",
+                data_path.name,
+                size,
+                self.max_instance_bytes,
+            )
+            return None
         return SpooledInstance(
             key,
             study_uid,
@@ -154,6 +172,7 @@ class Spool:
             received_at,
             data_path,
             size,
+            self.max_instance_bytes,
         )
 
     def _write(self, name: str, data: bytes) -> None:
@@ -171,6 +190,19 @@ class Spool:
         for suffix in (FACTS_SUFFIX, DATA_SUFFIX, DATA_SUFFIX + PARTIAL_SUFFIX, FACTS_SUFFIX + PARTIAL_SUFFIX):
             with contextlib.suppress(OSError):
                 (self.folder / (key + suffix)).unlink(missing_ok=True)
+
+
+def _read_at_most(path: Path, limit: int | None) -> bytes:
+    """The file's bytes, sized first on the open file (not the path: it may be replaced meanwhile) and read no
+    further than `limit`; OSError (EFBIG) when it holds more."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if limit is not None and size > limit:
+            raise OSError(errno.EFBIG, f"{size} bytes, over the limit of {limit}", path.name)
+        data = file.read() if limit is None else file.read(limit + 1)
+    if limit is not None and len(data) > limit:  # it grew while being read
+        raise OSError(errno.EFBIG, f"more than the limit of {limit} bytes", path.name)
+    return data
 
 
 def _sync_folder(folder: Path) -> None:

@@ -8,14 +8,25 @@ Instance UID sent twice while its study waits is kept once. Bytes held are count
 node analyses each instance as it arrives), then what its analysis keeps for its study's answer (the overlay,
 the model input: about a megabyte, `analysed`) until the study is answered. So studies kept open by a long
 quiet time cannot hold more than the budget either.
+
+A study is answered at the latest `max_wait_s` after its first instance, however often its instances keep
+coming: a sender re-sending one instance (38 times in 20 s, seen) kept it open for ever, never answered.
+One answer is about one patient: the first patient seen for a Study Instance UID is that study's
+(`claim_patient`), remembered for the last PATIENTS_REMEMBERED studies, and the door refuses instances of
+any other (a mis-merged or spoofed study). Patients are compared by a keyed hash of their ID and its issuer
+(`patient_key`), whose key never leaves this process: nothing here can name a patient.
 Everything here runs on the event-loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
+import secrets
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,6 +34,22 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 Door = Literal["dimse", "stow-rs"]
+
+MIN_MAX_WAIT_S = 60.0  # the default longest wait of a study: 4 quiet times, and at least this
+PATIENTS_REMEMBERED = 4096  # studies whose patient is remembered (about 250 bytes each)
+_PATIENT_KEY = secrets.token_bytes(32)  # this process's alone: a patient key means nothing outside it
+
+
+def patient_key(patient_id: str, issuer: str) -> str:
+    """Who an instance is about, comparable and unreadable: a keyed hash (HMAC-SHA256) of the Patient ID and
+    the Issuer of Patient ID. Never written anywhere: it stays in this process's memory."""
+    text = f"{issuer}\x00{patient_id}".encode("utf-8", "surrogatepass")
+    return hmac.new(_PATIENT_KEY, text, hashlib.sha256).hexdigest()
+
+
+def default_max_wait_s(quiet_s: float) -> float:
+    """The longest a study waits from its first instance, when not set: four quiet times, at least a minute."""
+    return max(MIN_MAX_WAIT_S, 4 * quiet_s)
 
 
 @dataclass(eq=False)  # identity: `data` is let go (emptied) once the instance has been analysed
@@ -46,19 +73,36 @@ class ReceivedStudy:
     study_uid: str
     instances: dict[str, ReceivedInstance] = field(default_factory=dict)  # by SOP Instance UID
     ref: str = field(default_factory=lambda: uuid.uuid4().hex)
+    opened_at: float = 0.0  # the event loop's time at its first instance: answered by `max_wait_s` after it
 
 
 OnStudy = Callable[[ReceivedStudy], Awaitable[None]]
 
 
 class StudyCollector:
-    """Groups instances by study and hands each group to `on_study` when it is quiet or full."""
+    """Groups instances by study and hands each group to `on_study` when it is quiet, full or has waited
+    `max_wait_s` (None: `default_max_wait_s(quiet_s)`)."""
 
-    def __init__(self, on_study: OnStudy, *, quiet_s: float, max_instances: int, held_bytes_budget: int) -> None:
+    def __init__(
+        self,
+        on_study: OnStudy,
+        *,
+        quiet_s: float,
+        max_instances: int,
+        held_bytes_budget: int,
+        max_wait_s: float | None = None,
+    ) -> None:
         if quiet_s < 0 or max_instances < 1 or held_bytes_budget < 1:
             raise ValueError("quiet_s >= 0, max_instances >= 1 and held_bytes_budget >= 1 are needed")
+        max_wait_s = default_max_wait_s(quiet_s) if max_wait_s is None else max_wait_s
+        if max_wait_s < quiet_s:
+            raise ValueError(
+                f"a study's longest wait (max_wait_s, {max_wait_s:g} s) must be at least its quiet time "
+                f"(quiet_s, {quiet_s:g} s), got less"
+            )
         self.on_study = on_study
         self.quiet_s = quiet_s
+        self.max_wait_s = max_wait_s
         self.max_instances = max_instances
         self.held_bytes_budget = held_bytes_budget
         self._open: dict[str, ReceivedStudy] = {}
@@ -66,6 +110,7 @@ class StudyCollector:
         self._running: set[asyncio.Task[None]] = set()
         self._held = 0
         self._charged: dict[ReceivedInstance, int] = {}  # what each held instance counts for, by identity
+        self._patients: OrderedDict[str, str] = OrderedDict()  # Study Instance UID -> its patient's key, LRU
 
     @property
     def held_bytes(self) -> int:
@@ -85,7 +130,8 @@ class StudyCollector:
         instance it replaced (the same SOP Instance UID sent again while its study waits), if any."""
         study = self._open.get(instance.study_uid)
         if study is None:
-            study = self._open[instance.study_uid] = ReceivedStudy(instance.study_uid)
+            opened_at = asyncio.get_running_loop().time()
+            study = self._open[instance.study_uid] = ReceivedStudy(instance.study_uid, opened_at=opened_at)
         previous = study.instances.get(instance.sop_instance_uid)
         if previous is not None:
             self.release(previous)
@@ -120,11 +166,28 @@ class StudyCollector:
         if study_uid in self._open:
             self._rearm(study_uid)
 
+    def claim_patient(self, study_uid: str, patient: str) -> bool:
+        """Whether an instance of `patient` (a `patient_key`) may join this study: yes for the first patient seen
+        for the Study Instance UID, which becomes the study's, and for that patient again; no for any other.
+        The door asks before it takes an instance, so one answer never combines two patients' instances."""
+        known = self._patients.get(study_uid)
+        if known is None:
+            self._patients[study_uid] = patient
+            if len(self._patients) > PATIENTS_REMEMBERED:
+                self._patients.popitem(last=False)
+            return True
+        self._patients.move_to_end(study_uid)
+        return hmac.compare_digest(known, patient)
+
     def _rearm(self, study_uid: str) -> None:
+        """The study closes after the quiet time from now, but never later than `max_wait_s` after its first
+        instance: duplicates and instances waiting for room cannot keep it open for ever."""
         timer = self._timers.pop(study_uid, None)
         if timer is not None:
             timer.cancel()
-        self._timers[study_uid] = asyncio.get_running_loop().call_later(self.quiet_s, self._close, study_uid)
+        loop = asyncio.get_running_loop()
+        when = min(loop.time() + self.quiet_s, self._open[study_uid].opened_at + self.max_wait_s)
+        self._timers[study_uid] = loop.call_at(when, self._close, study_uid)
 
     def _close(self, study_uid: str) -> None:
         timer = self._timers.pop(study_uid, None)

@@ -95,6 +95,12 @@ class Metrics:
             "bfd_dicom_instances_recovered", "instances taken back from the spool at start-up", registry=registry
         )
         self.dicom_studies = Counter("bfd_dicom_studies_answered", "studies answered", registry=registry)
+        self.dicom_own_results = Counter(
+            "bfd_dicom_own_results",
+            "the node's own result objects sent back to it (a routing loop), by door: answered stored, not analysed",
+            ["door"],
+            registry=registry,
+        )
         self.dicom_tls_refused = Counter(
             "bfd_dicom_tls_handshakes_refused",
             "connections to the TLS port turned away at the handshake (plain TCP, an untrusted certificate, silence)",
@@ -181,6 +187,9 @@ class NodeMetricsEvents(NodeEvents):
 
     def tls_refused(self) -> None:
         self.metrics.dicom_tls_refused.inc()
+
+    def own_result(self, door: str) -> None:
+        self.metrics.dicom_own_results.labels(door).inc()
 
 
 def _or_nan(value: float | None) -> float:

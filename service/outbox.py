@@ -6,7 +6,8 @@ send the same row at once; SQLite (one process) serialises writers anyway. The p
 object and so carries the source's patient data, as a DICOM result must; it is kept only until the
 destination confirms it, then dropped (the row stays, without it, as the delivery record). Calls go through
 the store's gate (`ResultsStore.call`): during a database outage they raise StoreUnavailableError at once and
-the delivery loop tries again later; nothing is lost that was put.
+the delivery loop tries again later; nothing is lost that was put. Entries for a destination no longer
+configured are moved to the current one (`readdress`; the delivery loop's decision, `dicom_node.sender`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, func, or_, select, update
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint, func, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -122,6 +123,9 @@ class StoreOutbox:
         return await self.store.call("claiming outbox entries", take)
 
     async def delivered(self, ids: Sequence[int], status: str, now: datetime) -> None:
+        """The payloads go, and on SQLite leave no copy on disk: the pages they held are zeroed as they are freed
+        (`secure_delete`; else a freed page keeps its old bytes in the file), and the write-ahead log, which
+        still holds the pages as they were put, is checkpointed and truncated (`ResultsStore.checkpoint`)."""
         change = (
             update(OutboxEntry)
             .where(OutboxEntry.id.in_(list(ids)))
@@ -133,7 +137,47 @@ class StoreOutbox:
                 attempts=OutboxEntry.attempts + 1,
             )
         )
-        await self._execute("marking outbox entries delivered", change)
+
+        async def drop(session: AsyncSession) -> None:
+            async with session.begin():
+                if self.store.sqlite:  # the connection's setting: the store's one connection, from now on
+                    await session.execute(text("PRAGMA secure_delete=ON"))
+                await session.execute(change)
+            await self.store.checkpoint(session)
+
+        await self.store.call("marking outbox entries delivered", drop)
+
+    async def readdress(self, ids: Sequence[int], destination: str) -> list[int]:
+        async def move(session: AsyncSession) -> list[int]:
+            async with session.begin():
+                rows = (await session.scalars(select(OutboxEntry).where(OutboxEntry.id.in_(list(ids))))).all()
+                held = set(
+                    (
+                        await session.scalars(
+                            select(OutboxEntry.sop_instance_uid).where(
+                                OutboxEntry.destination == destination,
+                                OutboxEntry.sop_instance_uid.in_([r.sop_instance_uid for r in rows]),
+                            )
+                        )
+                    ).all()
+                )
+                moved: list[int] = []
+                for row in sorted(rows, key=lambda r: r.id):
+                    if row.sop_instance_uid in held:  # (destination, SOP Instance UID) is unique: one copy goes
+                        row.payload = None
+                        row.claimed_until = None
+                        row.next_attempt_at = FAR_FUTURE
+                        row.last_status = f"not sent: {row.destination} no longer configured; held for {destination}"
+                    else:
+                        row.last_status = f"re-addressed from {row.destination}"
+                        row.destination = destination
+                        row.attempts = 0
+                        held.add(row.sop_instance_uid)
+                        moved.append(row.id)
+                    row.last_status = row.last_status[:200]
+                return moved
+
+        return await self.store.call("re-addressing outbox entries", move)
 
     async def failed(self, ids: Sequence[int], status: str, retry_at: datetime | None) -> None:
         values: dict[str, object] = {

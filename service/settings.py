@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from dicom_node.config import RESULT_KINDS, NodeConfig
 from dicom_node.tls import TlsConfig
 from inference.config import PredictorConfig
+from inference.dicom_objects.uids import DEFAULT_UID_ROOT, UID_ROOT_MAX_CHARS, check_uid_root
 from inference.memory_budget import REQUEST_BODY_COPIES
 from inference.providers import PROVIDER_NAMES
 
@@ -139,6 +140,13 @@ class Settings(BaseSettings):
         None, description="where results go: AETITLE@host:port (C-STORE) or an http(s) DICOMweb URL (STOW-RS)"
     )
     dicom_quiet_s: float = Field(5.0, ge=0.0, le=3600.0, description="a study is answered after this quiet time")
+    dicom_study_max_wait_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=86400.0,
+        description="a study is answered at the latest this long after its first instance, however its instances "
+        "keep coming (re-sends cannot extend it); unset: 4 x dicom_quiet_s, at least 60 s",
+    )
     dicom_study_max_instances: int = Field(
         16, ge=1, le=1000, description="...or once it holds this many instances (the rest form a new group)"
     )
@@ -153,6 +161,12 @@ class Settings(BaseSettings):
     )
     dicom_outputs: Annotated[list[str], NoDecode] = Field(
         ["sr", "gsps", "sc"], description="result objects to send: sr, gsps, sc (comma-separated)"
+    )
+    dicom_uid_root: str = Field(
+        DEFAULT_UID_ROOT,
+        description="root of every UID the result objects get (SOP Instance, Series): your organisation's, at most "
+        f"{UID_ROOT_MAX_CHARS} characters, no trailing dot; the default is pydicom's example root, for research use "
+        "only",
     )
     dicom_build_processes: int = Field(
         1, ge=0, le=16, description="worker processes building the result objects (0: a thread of the service)"
@@ -222,6 +236,11 @@ class Settings(BaseSettings):
         for index, title in enumerate(value):
             validate_ae_title(title, f"allowed AE title {index + 1}")
         return [title.strip(" ") for title in value]
+
+    @field_validator("dicom_uid_root")
+    @classmethod
+    def _uid_root_is_dicom(cls, value: str) -> str:
+        return check_uid_root(value.strip())  # one rule, where the UIDs are made
 
     @field_validator("dicom_outputs")
     @classmethod
@@ -298,6 +317,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _study_wait_is_longer_than_quiet(self) -> Settings:
+        if self.dicom_study_max_wait_s is not None and self.dicom_study_max_wait_s < self.dicom_quiet_s:
+            raise ValueError(
+                f"dicom_study_max_wait_s (BFD_DICOM_STUDY_MAX_WAIT_S) must be at least dicom_quiet_s "
+                f"(BFD_DICOM_QUIET_S, {self.dicom_quiet_s:g}), got {self.dicom_study_max_wait_s:g}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _node_has_a_destination(self) -> Settings:
         if self.dicom_port is not None and self.dicom_destination is None:
             raise ValueError(
@@ -349,10 +377,12 @@ class Settings(BaseSettings):
             ae_title=self.dicom_ae_title,
             allowed_aes=tuple(self.dicom_allowed_aes),
             quiet_s=self.dicom_quiet_s,
+            study_max_wait_s=self.dicom_study_max_wait_s,
             study_max_instances=self.dicom_study_max_instances,
             held_bytes_budget=self.dicom_held_bytes_budget,
             max_instance_bytes=self.dicom_max_instance_bytes,
             outputs=tuple(self.dicom_outputs),
+            uid_root=self.dicom_uid_root,
             build_processes=self.dicom_build_processes,
             audit_log=self.dicom_audit_log,
             spool_dir=self.dicom_spool_dir,

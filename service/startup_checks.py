@@ -35,6 +35,7 @@ OTHER_BFD_VARIABLES = frozenset(
         "BFD_REQUIRE_BROWSER",
         "BFD_REQUIRE_DISPLAY",
         "BFD_REQUIRE_ORTHANC",
+        "BFD_REQUIRE_DICOM3TOOLS",  # tests/test_dicom_validation.py: dciodvfy must run
         "BFD_REQUIRE_CONTAINER",  # named by issue 23 for the container tests; not read anywhere yet
         "BFD_ORTHANC_BINARY",  # loadtest/orthanc.py
         "BFD_ORTHANC_DICOMWEB_PLUGIN",

@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, LargeBinary, String, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -455,6 +455,23 @@ class ResultsStore:
             return rows, total
 
         return await self.call("listing analyses", page)
+
+    @property
+    def sqlite(self) -> bool:
+        """Whether the store is SQLite (one file, WAL): what was deleted can linger on disk until checkpointed."""
+        return self.engine is not None and self.engine.url.get_backend_name() == "sqlite"
+
+    async def checkpoint(self, session: AsyncSession) -> None:
+        """SQLite: copy the write-ahead log into the database file and truncate it to nothing (`PRAGMA
+        wal_checkpoint(TRUNCATE)`), so rows just rewritten (a delivered result's payload, with its patient data,
+        dropped) leave no older copy in the `-wal`; PostgreSQL: nothing. Call it inside a store call, after the
+        change was committed (a checkpoint waits for no transaction of its own connection). The WAL would be
+        checkpointed only after 1000 pages otherwise, and never truncated: the payloads stayed in it."""
+        if not self.sqlite:
+            return
+        busy, _, _ = (await session.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))).one()
+        if busy:  # one connection, locking_mode=EXCLUSIVE: nothing else should hold the WAL
+            log.warning("results store: the write-ahead log could not be checkpointed now; it is at the next one")
 
     async def close(self) -> None:
         if self.engine is not None:

@@ -561,3 +561,61 @@ async def test_the_delivery_loop_feeds_a_slow_pacs_over_several_associations(dat
         scp.close()
     assert sorted(str(ds.SOPInstanceUID) for ds in scp.received) == sorted(o.sop_instance_uid for o in objects)
     assert 2 <= scp.most_at_once <= 3
+
+
+@pytest.mark.anyio
+async def test_results_waiting_for_a_destination_no_longer_configured_go_to_the_current_one(tmp_path: Path) -> None:
+    """Results queued while the destination was wrong were delivered, with patient data, to the old address
+    after the setting was corrected and the service restarted. Now the restarted loop, configured for the new
+    destination only, re-addresses them (outbox, log, audit) and sends them there; the old address, which
+    would store them this time, is never contacted again."""
+    from dicom_node.audit import AuditLog
+    from dicom_node.outbox import ResultObject
+    from dicom_node.sender import DeliveryLoop
+    from service.outbox import StoreOutbox
+    from service.store import ResultsStore
+
+    old, new = StoreSCP(status=0xA700, ae_title="WRONG"), StoreSCP(ae_title="RIGHT")  # busy: try again later
+    url = f"sqlite+aiosqlite:///{tmp_path}/results.sqlite3"
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    images = make_study(3, size=(16, 16))
+    objects = [ResultObject(str(ds.SOPClassUID), str(ds.SOPInstanceUID), part10_bytes(ds)) for ds in images]
+    settings: dict[str, Any] = {"calling_ae": "BFD", "timeout_s": 30, "retry_initial_s": 0.01, "retry_max_s": 0.01}
+    try:
+        store = ResultsStore(url)
+        try:
+            await store.ensure_ready()
+            outbox = StoreOutbox(store)
+            await outbox.put("study", old.destination.describe(), objects)
+            before = DeliveryLoop(outbox, audit, [old.destination], **settings)
+            assert await before.round() == 3
+            assert len(old.received) == 3  # tried, and told 'out of resources': the results wait in the outbox
+            assert await outbox.pending() == 3
+        finally:
+            await store.close()
+        old.status = 0x0000  # were it asked again, the old address would store them now
+        store = ResultsStore(url)  # the setting corrected, the service restarted
+        try:
+            await store.ensure_ready()
+            outbox = StoreOutbox(store)
+            after = DeliveryLoop(outbox, audit, [new.destination], **settings)
+            time.sleep(0.05)  # the retry is due
+            assert await after.round() == 3
+            assert await outbox.pending() == 0
+            entries = await outbox.entries()
+            assert {e.destination for e in entries} == {new.destination.describe()}
+            assert all(e.delivered_at is not None and e.payload is None for e in entries)
+        finally:
+            await store.close()
+    finally:
+        old.close()
+        new.close()
+    uids = sorted(o.sop_instance_uid for o in objects)
+    assert len(old.received) == 3  # nothing more
+    assert sorted(str(ds.SOPInstanceUID) for ds in new.received) == uids
+    (moved,) = [e for e in audit.read() if e["event"] == "readdressed"]
+    assert moved["previous_destination"] == old.destination.describe()
+    assert moved["destination"] == new.destination.describe()
+    assert sorted(moved["sop_instance_uids"]) == uids
+    delivered = [e for e in audit.read() if e["event"] == "delivery" and e["outcome"] == "delivered"]
+    assert [e["destination"] for e in delivered] == [new.destination.describe()]

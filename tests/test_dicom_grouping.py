@@ -1,6 +1,6 @@
 """The node's study grouping and its STOW-RS body parsing, without a network: quiet time (kept open while an
-instance waits for room), the instance count, duplicates, the held-bytes budget, flush on shutdown;
-multipart/related parts and the store response."""
+instance waits for room), the longest wait (which duplicates cannot extend), the instance count, duplicates,
+the held-bytes budget, flush on shutdown; multipart/related parts and the store response."""
 
 from __future__ import annotations
 
@@ -65,6 +65,31 @@ async def test_an_instance_waiting_for_room_keeps_its_study_open() -> None:
     await asyncio.wait_for(seen.arrived.wait(), 5)
     assert [sorted(s.instances) for s in seen.studies] == [["1", "2"]]
     assert collector.waiting_studies == 0
+
+
+async def test_a_sender_re_sending_one_instance_cannot_keep_its_study_open_past_the_longest_wait() -> None:
+    """38 re-sends in 20 s kept a study open for ever, never answered: each arrival restarted the quiet time.
+    It is answered `max_wait_s` after its first instance, while the re-sends go on; a touch (an instance waiting
+    for room) cannot extend it either."""
+    seen = Recorder()
+    collector = StudyCollector(seen, quiet_s=0.2, max_instances=100, held_bytes_budget=10_000, max_wait_s=0.6)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not seen.studies and loop.time() - started < 3.0:
+        collector.add(_instance("S1", "1"))  # the same instance again and again, closer than the quiet time
+        collector.touch("S1")
+        await asyncio.sleep(0.05)
+    waited = loop.time() - started
+    assert [sorted(s.instances) for s in seen.studies] == [["1"]]
+    assert 0.55 <= waited < 1.0, f"answered after {waited:.2f} s"
+    await collector.flush()
+
+
+def test_the_longest_wait_defaults_to_four_quiet_times_and_is_never_shorter_than_one() -> None:
+    assert StudyCollector(Recorder(), quiet_s=5, max_instances=1, held_bytes_budget=1).max_wait_s == 60.0
+    assert StudyCollector(Recorder(), quiet_s=600, max_instances=1, held_bytes_budget=1).max_wait_s == 2400.0
+    with pytest.raises(ValueError, match="at least its quiet time"):
+        StudyCollector(Recorder(), quiet_s=5, max_instances=1, held_bytes_budget=1, max_wait_s=4)
 
 
 async def test_bytes_are_counted_off_once_however_they_are_let_go() -> None:

@@ -1,10 +1,12 @@
 """The DICOM node's outbox on SQLite and a real PostgreSQL: kept until confirmed, each object once, leases
-that replicas cannot share, payloads dropped once delivered, and nothing lost across a store restart."""
+that replicas cannot share, payloads dropped once delivered (on SQLite, from the file and its write-ahead log
+too), entries moved to another destination, and nothing lost across a store restart."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -118,5 +120,59 @@ async def test_what_was_put_survives_a_restart_of_the_store(tmp_path) -> None:  
     try:
         claimed = await outbox.claim(10, datetime.now(UTC), lease_s=60)
         assert [c.sop_instance_uid for c in claimed] == ["1.2.3.0", "1.2.3.1"]
+    finally:
+        await store.close()
+
+
+async def test_delivered_payloads_leave_no_copy_in_the_sqlite_file_or_its_wal(tmp_path: Path) -> None:
+    """The payload carries the patient's name. Dropped from its row once delivered, it stayed in SQLite's
+    write-ahead log (checkpointed only after 1000 pages) and, once checkpointed, in the freed pages of the file.
+    Now the freed pages are zeroed and the log is checkpointed and truncated: the bytes are nowhere on disk."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/results.sqlite3"
+    marker = "Müller^Jürgen BFD-TEST-0001".encode()
+    large = ResultObject("1.2.840.10008.5.1.4.1.1.7", "1.2.3.1", b"DICM" + marker * 400)  # overflow pages
+    small = ResultObject("1.2.840.10008.5.1.4.1.1.88.33", "1.2.3.2", b"DICM" + marker)  # inside its row
+    files = [tmp_path / "results.sqlite3", tmp_path / "results.sqlite3-wal"]
+
+    def on_disk() -> bool:
+        return any(marker in path.read_bytes() for path in files if path.exists())
+
+    store, outbox = await _outbox(url)
+    try:
+        await outbox.put("s", DEST, [large, small])
+        assert on_disk()  # the test can see them where they are
+        claimed = await outbox.claim(10, datetime.now(UTC), lease_s=60)
+        await outbox.delivered([c.id for c in claimed], "delivered (0x0000)", datetime.now(UTC))
+        assert not on_disk()
+        assert not files[1].exists() or files[1].stat().st_size == 0  # truncated
+        assert await outbox.pending() == 0
+    finally:
+        await store.close()
+    assert not on_disk()
+
+
+async def test_entries_move_to_another_destination_once_each(database_url: str) -> None:
+    """Re-addressed entries keep their bytes and lease, and start their attempts again; an object already held
+    for the new destination is not moved (one copy goes there) but given up, its payload dropped."""
+    store, outbox = await _outbox(database_url)
+    new = "NEW@127.0.0.1:104"
+    try:
+        await outbox.put("s", DEST, _objects(3))
+        await outbox.put("t", new, _objects(1))  # 1.2.3.0 is held for the new destination already
+        now = datetime.now(UTC)
+        old = [c for c in await outbox.claim(10, now, lease_s=60) if c.destination == DEST]
+        await outbox.failed([old[1].id], "association rejected", now)  # an attempt made at the old address
+        moved = await outbox.readdress([c.id for c in old], new)
+        assert moved == [old[1].id, old[2].id]
+        entries = {(e.destination, e.sop_instance_uid): e for e in await outbox.entries()}
+        assert set(entries) == {(DEST, "1.2.3.0"), (new, "1.2.3.0"), (new, "1.2.3.1"), (new, "1.2.3.2")}
+        given_up = entries[(DEST, "1.2.3.0")]
+        assert given_up.payload is None
+        assert given_up.delivered_at is None
+        assert given_up.last_status is not None
+        assert "no longer configured" in given_up.last_status
+        assert entries[(new, "1.2.3.1")].attempts == 0
+        assert entries[(new, "1.2.3.1")].payload == _objects(3)[1].payload
+        assert await outbox.pending() == 3
     finally:
         await store.close()

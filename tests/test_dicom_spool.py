@@ -1,10 +1,12 @@
 """The node's spool: what it keeps survives the process, comes back as it arrived, goes once answered, and a
 crash while writing leaves nothing that counts. The node end to end (killed, restarted, answered from the
-spool) is in test_dicom_node.py."""
+spool) is in test_dicom_node.py. Files are sized before they are read back: one over the node's instance limit
+(or a sidecar over its own) is left and logged, not read."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,33 @@ def test_unreadable_facts_are_left_for_an_operator_and_the_rest_comes_back(tmp_p
     assert [entry.key for entry in spool.left()] == [good.spool_key]
     assert (tmp_path / "dddd.json").exists()
     assert (tmp_path / "eeee.json").exists()
+
+
+def test_a_file_over_the_instance_limit_is_left_and_logged_not_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery read every file whole, whatever its size: one over the limit (the limit lowered since, or a file
+    put there by something else) is now left in place for an operator and named in the log; a file that grows
+    past the limit after it was listed is refused by `load` without reading on."""
+    spool = Spool(tmp_path, max_instance_bytes=2000)
+    small, large = _instance(1, data=b"s" * 1000), _instance(2, data=b"L" * 5000)
+    spool.keep(small)
+    spool.keep(large)
+    (tmp_path / "ffff.json").write_bytes(b" " * 100_000)  # a sidecar far larger than any the spool writes
+    (tmp_path / "ffff.dcm").write_bytes(b"x")
+    again = Spool(tmp_path, max_instance_bytes=2000)  # as after a restart
+    with caplog.at_level(logging.ERROR, logger="dicom_node.spool"):
+        (entry,) = again.left()
+    assert entry.key == small.spool_key
+    assert f"{large.spool_key}.dcm holds 5000 bytes" in caplog.text
+    assert "ffff.json is unreadable" in caplog.text
+    assert (tmp_path / f"{large.spool_key}.dcm").exists()  # left for an operator
+    assert (tmp_path / "ffff.json").exists()
+    assert again.bytes_kept == 1000
+    assert entry.load().data == small.data
+    entry.path.write_bytes(b"g" * 3000)  # grew since it was listed
+    with pytest.raises(OSError, match="over the limit of 2000"):
+        entry.load()
 
 
 def test_a_write_that_fails_raises_and_leaves_no_partial_file(tmp_path: Path) -> None:
