@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Bone-fracture detection service (`bfd serve`) on ONNX Runtime, CPU image.
 # RESEARCH USE ONLY: not a medical device; its output is not a diagnosis.
 #
@@ -15,6 +14,11 @@
 #        docker run -p 8000:8000 -v "$PWD/models/demo:/app/models/bundle:ro" -v bfd-data:/data bfd:cpu-nobundle
 #      Without a mounted bundle that image refuses to start, saying which file is missing.
 # Results go to SQLite in the /data volume unless BFD_DATABASE_URL says otherwise (postgresql+asyncpg://...).
+#
+# No `# syntax=` line: it makes BuildKit fetch a frontend image from Docker Hub before building anything, which
+# fails on an air-gapped build host; nothing here needs more than the frontend built into Docker and podman.
+# With podman or buildah, build with --format docker (deploy/podman/build.sh does): their default, OCI, has no
+# HEALTHCHECK and drops it. Built and run in CI by tests/test_container_image.py (deploy/README.md).
 
 # ---- build: a virtual environment with the project and its dependencies (all binary wheels) ----
 FROM python:3.11-slim AS build
@@ -32,7 +36,9 @@ COPY dicom_node/ dicom_node/
 COPY service/ service/
 COPY export/ export/
 COPY training/ training/
+# pip check: every installed distribution's requirements are met (a broken environment fails the build).
 RUN /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -I -c "import onnxruntime, service.main"
 
 # ---- runtime: the venv, the bundle, a non-root user ----

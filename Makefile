@@ -23,10 +23,13 @@ setup: $(VENV)/.installed
 
 # Debian packages some tests drive for real (they skip, loudly, without them): PostgreSQL for the results
 # store, Chromium for the web page, Xvfb for the desktop client, Orthanc with its DICOMweb plugin as the PACS
-# for the DICOM node (C-STORE and STOW-RS), DCMTK's storescu and friends as an independent DICOM peer, and
-# dicom3tools' dciodvfy, the standard's validator, for the node's result objects.
+# for the DICOM node (C-STORE and STOW-RS), DCMTK's storescu and friends as an independent DICOM peer,
+# dicom3tools' dciodvfy, the standard's validator, for the node's result objects, and podman with runc, buildah,
+# netavark and aardvark-dns (name resolution between Compose services) and iptables (published ports) for the
+# container tests, debootstrap for their stand-in base image (deploy/podman/, deploy/README.md).
 # Needs root or sudo.
-SYSTEM_PACKAGES := postgresql chromium xvfb orthanc orthanc-dicomweb dcmtk dicom3tools
+SYSTEM_PACKAGES := postgresql chromium xvfb orthanc orthanc-dicomweb dcmtk dicom3tools \
+	podman buildah runc netavark aardvark-dns iptables debootstrap
 system-deps:
 	@missing=""; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -37,6 +40,11 @@ system-deps:
 		| grep -q . || missing="$$missing orthanc-dicomweb"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	for tool in podman buildah runc iptables debootstrap; do \
+		command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
+	done; \
+	[ -x /usr/lib/podman/netavark ] || missing="$$missing netavark"; \
+	[ -x /usr/lib/podman/aardvark-dns ] || missing="$$missing aardvark-dns"; \
 	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \

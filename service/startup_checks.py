@@ -44,6 +44,8 @@ OTHER_BFD_VARIABLES = frozenset(
         "BFD_LOAD_WAIT_S",
         "BFD_BUNDLE_DIR",  # docker-compose.yml: substituted on the host, often exported in the same shell
         "BFD_DICOM_TLS_DIR",
+        "BFD_PUBLISH_PORT",  # docker-compose.yml: the host port the service is published on
+        "BFD_POSTGRES_IMAGE",  # docker-compose.yml: the PostgreSQL image (a stand-in where Docker Hub is out of reach)
     }
 )
 
