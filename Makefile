@@ -26,10 +26,11 @@ setup: $(VENV)/.installed
 # for the DICOM node (C-STORE and STOW-RS), DCMTK's storescu and friends as an independent DICOM peer,
 # dicom3tools' dciodvfy, the standard's validator, for the node's result objects, and podman with runc, buildah,
 # netavark and aardvark-dns (name resolution between Compose services) and iptables (published ports) for the
-# container tests, debootstrap for their stand-in base image (deploy/podman/, deploy/README.md).
+# container tests, debootstrap for their stand-in base image (deploy/podman/, deploy/README.md), and HAProxy in
+# front of replicas for the failover test.
 # Needs root or sudo.
 SYSTEM_PACKAGES := postgresql chromium xvfb orthanc orthanc-dicomweb dcmtk dicom3tools \
-	podman buildah runc netavark aardvark-dns iptables debootstrap
+	podman buildah runc netavark aardvark-dns iptables debootstrap haproxy
 system-deps:
 	@missing=""; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
@@ -40,7 +41,7 @@ system-deps:
 		| grep -q . || missing="$$missing orthanc-dicomweb"; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
-	for tool in podman buildah runc iptables debootstrap; do \
+	for tool in podman buildah runc iptables debootstrap haproxy; do \
 		command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
 	done; \
 	[ -x /usr/lib/podman/netavark ] || missing="$$missing netavark"; \

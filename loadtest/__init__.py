@@ -12,7 +12,10 @@
 - the benchmarks: `bench_load` (ours vs the baselines under load), `bench_admission` (realistic radiographs,
   capacity then 2x overload), `bench_service` (in-process ceiling and HTTP), `bench_bundle` (fp32 vs INT8),
   `bench_decode` (codec vs the project's decode), `bench_gpu` (CUDA, IOBinding, fp16);
-- `locustfile`: the same load for Locust users.
+- `locustfile`: the same load for Locust users;
+- failover of replicas behind HAProxy under a `kill -9` (`python -m loadtest.failover`): `replicas` (a fresh
+  database, replicas started at the same moment), `haproxy` (its configuration, stats socket and log),
+  `dicom_destination` (a storage SCP that records what it receives), `failover_report` (the counts).
 They import the core (`inference`), never the HTTP service's code: the service is driven as a process over HTTP.
 No module reads settings or the environment at import time.
 """

@@ -36,7 +36,8 @@ OTHER_BFD_VARIABLES = frozenset(
         "BFD_REQUIRE_DISPLAY",
         "BFD_REQUIRE_ORTHANC",
         "BFD_REQUIRE_DICOM3TOOLS",  # tests/test_dicom_validation.py: dciodvfy must run
-        "BFD_REQUIRE_CONTAINER",  # named by issue 23 for the container tests; not read anywhere yet
+        "BFD_REQUIRE_CONTAINER",  # tests/podman_fixtures.py: the image and Compose tests must run
+        "BFD_REQUIRE_HAPROXY",  # tests/test_replicas.py: replicas behind HAProxy must run
         "BFD_ORTHANC_BINARY",  # loadtest/orthanc.py
         "BFD_ORTHANC_DICOMWEB_PLUGIN",
         "BFD_CHROMIUM",  # tests/test_web_ui.py

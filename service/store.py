@@ -15,6 +15,12 @@ The store never takes predictions down:
   database that came back empty); calls arriving while it runs do not queue behind it, they are refused too.
   So an outage costs each request microseconds, not a connect timeout, and the store recovers by itself.
 
+Migrations run once however many replicas start at once: on PostgreSQL the upgrade holds a transaction-level
+advisory lock (`MIGRATION_LOCK_KEY`) taken on the migration's own connection, so a replica that starts while
+another migrates waits, then finds the schema at head and does nothing (without it, replicas started together
+on an empty database raced to create the same tables: `duplicate key value violates unique constraint
+"pg_type_typname_nsp_index"`). SQLite needs none: its file is one process's alone.
+
 What clients see is generic (`StoreUnavailableError`'s message: no host, port, user or database name);
 the driver's error and the URL, password hidden, go to the log only.
 
@@ -70,7 +76,11 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 CONNECT_TIMEOUT_S = 5.0
-MIGRATION_TIMEOUT_S = 30.0
+MIGRATION_TIMEOUT_S = 30.0  # connecting, waiting for another replica's migration, and migrating
+# The PostgreSQL advisory lock around the Alembic upgrade: one number for every replica of every version of the
+# service ('bfd-migr' in ASCII), so it must never change; transaction-level, so a replica that dies mid-migration
+# gives it back with its connection.
+MIGRATION_LOCK_KEY = 0x6266642D6D696772
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
 MAX_BACKOFF_DOUBLINGS = 64  # 2**64 times any sane initial back-off is past any maximum, far from overflowing
@@ -285,12 +295,14 @@ class ResultsStore:
         return max(0.0, self._retry_at - self.clock())
 
     async def _migrate(self, engine: AsyncEngine) -> None:
-        # connected first, then the process-wide lock: a database that hangs holds up no other store's migration
+        # connected first, then the process-wide lock: a database that hangs holds up no other store's migration;
+        # then the database's lock, in the transaction the upgrade runs in, so other replicas wait for its commit
         async with (
             asyncio.timeout(MIGRATION_TIMEOUT_S),
             engine.begin() as connection,
             _process_migration_lock(),
         ):
+            await _database_migration_lock(connection)
             await connection.run_sync(_upgrade_to_head)
             if self._file is not None and self._highest_ids:
                 await connection.run_sync(raise_id_counters, dict(self._highest_ids))
@@ -515,6 +527,14 @@ async def _process_migration_lock() -> AsyncIterator[None]:
         yield
     finally:
         _MIGRATING.release()
+
+
+async def _database_migration_lock(connection: AsyncConnection) -> None:
+    """On PostgreSQL, wait for the database-wide migration lock (`pg_advisory_xact_lock`): held until the
+    connection's transaction ends, so the next replica migrates only after this one's schema is committed.
+    Other databases: nothing (SQLite is held by one process)."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
 
 
 def _upgrade_to_head(connection: Any) -> None:
