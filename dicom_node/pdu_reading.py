@@ -28,7 +28,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
@@ -65,13 +65,14 @@ class PduError(ValueError):
         self.abort_reason = abort_reason
 
 
-class PduCharge:
-    """What a PDU being read costs the receive budget: `charge` without waiting (the instance buffers wait
-    and refuse; a PDU of an association already bounded must not stall it), `release` what was charged."""
+class PduCharge(Protocol):
+    """What a PDU being read costs the receive budget (`dicom_node.receiving.ReceiveGate`): `charge` without
+    waiting (the instance buffers wait and refuse; a PDU of an association already bounded must not stall it),
+    `release` what was charged."""
 
-    def __init__(self, charge: Callable[[int], None], release: Callable[[int], None]) -> None:
-        self.charge = charge
-        self.release = release
+    def charge(self, count: int) -> None: ...
+
+    def release(self, count: int) -> None: ...
 
 
 class BoundedDUL(DULServiceProvider):

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
 
 from dicom_node.config import NodeConfig
-from dicom_node.pdu_reading import PduCharge, bound
+from dicom_node.pdu_reading import bound
 from dicom_node.peer_text import printable, quiet_pynetdicom
 from dicom_node.receiving import ReceiveBuffer, ReceiveGate, Withheld, bound_receiving, release_unfinished
 from dicom_node.scope import ACCEPTED_TRANSFER_SYNTAXES, CANNOT_UNDERSTAND, OUT_OF_RESOURCES
@@ -261,7 +261,7 @@ class _BoundedHandler(RequestHandler):
             assoc.dul,
             max_pdata_bytes=MAX_PDU_BYTES,
             allowed_aes=server.config.allowed_aes,
-            budget=PduCharge(gate.charge, gate.release),
+            budget=gate,
         )
         bound_receiving(assoc.dimse, gate)
         return assoc

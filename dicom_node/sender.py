@@ -34,13 +34,13 @@ from dicom_node.delivery import DeliveryError, deliver
 from dicom_node.destination import Destination
 from dicom_node.events import NodeEvents
 from dicom_node.outbox import Claimed, Outbox
+from inference.backoff import retry_delay_s
 
 log = logging.getLogger(__name__)
 
 BATCH = 16
 PARALLEL = 4  # batches (associations, STOW-RS requests) in flight at once, all destinations together
 POLL_S = 1.0
-MAX_DOUBLINGS = 64  # 2**64 times any sane retry_initial_s is past any retry_max_s, and far from overflowing
 
 
 class DeliveryLoop:
@@ -217,16 +217,6 @@ class DeliveryLoop:
             status=status,
             attempt=attempt,
         )
-
-
-def retry_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
-    """The wait before the next try after `attempts` failed ones: `initial_s` doubling per attempt, up to `max_s`.
-
-    The exponent is capped, so the wait stays finite however many attempts have failed: `2.0 ** 1024`
-    overflows (OverflowError), and a destination down for a long weekend at a minute a try gets there.
-    """
-    doublings = min(max(attempts - 1, 0), MAX_DOUBLINGS)
-    return min(max_s, initial_s * 2.0**doublings)
 
 
 def _status(status: int | None, kind: str) -> str:

@@ -97,10 +97,8 @@ class Decoder:
     async def _plan(self, data: bytes, dicom: bool, display_side: int | None) -> tuple[DecodePlan, int]:
         """The plan, and the bytes now held for its decode (the caller gives them back).
 
-        The parse is made under a hold of what it can allocate; a deflated DICOM is counted (inflated keeping
-        nothing) and parsed under a hold that covers its inflation too. The hold then becomes the decode's
-        working memory: grown without waiting, or, when that cannot be, given back whole (the parsed data set
-        with it) before waiting in line."""
+        The parse is made under `_parsed`'s hold, which then becomes the decode's working memory: grown without
+        waiting, or, when that cannot be, given back whole (the parsed data set with it) before waiting in line."""
         config = self.config
         plan_with = partial(
             plan_decode,
@@ -111,22 +109,7 @@ class Decoder:
             max_decode_bytes=config.max_image_decode_bytes,
             display_max_side=display_side,
         )
-        wanted = parse_hold_bytes(data, dicom)
-        inflation = 0  # none at first: most files are not deflated; a deflated one says how much it needs
-        plan: DecodePlan | None = None
-        while plan is None:
-            held = min(wanted, self.memory.total)
-            if held:  # PNG and JPEG headers are read lazily: they plan without holding (or waiting for) anything
-                await self.memory.take(held)
-            try:
-                plan = await self.in_pool(partial(plan_with, inflation_budget_bytes=inflation))
-            except InflationNotBudgetedError as needed:
-                self.memory.give(held)
-                inflation = needed.inflated_bytes
-                wanted += INFLATED_COPIES * inflation
-            except BaseException:  # a refused image, or the request cancelled: nothing stays held
-                self.memory.give(held)
-                raise
+        plan, held = await self._parsed(data, dicom, lambda inflation: plan_with(inflation_budget_bytes=inflation))
         working = self._working_bytes(plan)
         if working <= held:
             self.memory.give(held - working)  # the parse was held for more than the decode needs
@@ -153,15 +136,29 @@ class Decoder:
             max_inflated_bytes=inflation_cap(self.config.max_image_decode_bytes),
             stop_before_pixels=True,
         )
-        wanted = parse_hold_bytes(data, True)
-        inflation = 0
+        found, held = await self._parsed(data, True, lambda inflation: extract(read(inflation_budget_bytes=inflation)))
+        self.memory.give(held)
+        return found
+
+    async def _parsed(self, data: bytes, dicom: bool, parse: Callable[[int], T]) -> tuple[T, int]:
+        """`parse(inflation_budget_bytes)` in a slot under a hold of what parsing `data` can allocate, and the bytes
+        still held (the caller gives them back). A deflated DICOM first says how far it inflates (nothing kept)
+        and is parsed again under a hold that covers that too; a failure holds nothing."""
+        wanted = parse_hold_bytes(data, dicom)
+        inflation = 0  # none at first: most files are not deflated
         while True:
+            held = min(wanted, self.memory.total)
+            if held:  # PNG and JPEG headers are read lazily: they plan without holding (or waiting for) anything
+                await self.memory.take(held)
             try:
-                async with self.memory.hold(min(wanted, self.memory.total)):
-                    return await self.in_pool(partial(_extracted, extract, read, inflation))
+                return await self.in_pool(partial(parse, inflation)), held
             except InflationNotBudgetedError as needed:
+                self.memory.give(held)
                 inflation = needed.inflated_bytes
                 wanted += INFLATED_COPIES * inflation
+            except BaseException:  # a refused image, or the request cancelled: nothing stays held
+                self.memory.give(held)
+                raise
 
     def _working_bytes(self, plan: DecodePlan) -> int:
         """The plan's working memory, plus the frame's trip back from a codec worker (pickled, then unpickled)."""
@@ -185,10 +182,6 @@ class Decoder:
                     if not result.cancelled():
                         result.exception()  # retrieved: nobody wants it any more
                 raise
-
-
-def _extracted(extract: Callable[[Any], T], read: Callable[..., Any], inflation: int) -> T:
-    return extract(read(inflation_budget_bytes=inflation))
 
 
 def parse_hold_bytes(data: bytes, dicom: bool) -> int:

@@ -23,6 +23,20 @@ class InferenceError(Exception):
         return named
 
 
+QUOTED_CHARS = 100  # a value a client sent, as an error's reason may quote it
+
+
+def shortened(value: str, limit: int = QUOTED_CHARS) -> str:
+    """`value` whole when at most `limit` characters, else its start, an ellipsis and its length: `limit` at most.
+
+    Every door passes the core's reasons on, and each quotes what a client sent: a 900 KB body part once came back
+    in a 900 KB answer."""
+    if len(value) <= limit:
+        return value
+    tail = f"… ({len(value):,} characters)"
+    return value[: max(0, limit - len(tail))] + tail
+
+
 def forget_traceback(error: BaseException) -> None:
     """Drop the tracebacks of `error` and of the errors it came from. A traceback holds every frame it passed
     through with their locals (an upload's bytes, a parsed data set), and the frames that caught the error hold

@@ -32,7 +32,7 @@ from inference.dicom import body_part_from_dicom
 from inference.dicom_objects.findings import Algorithm
 from inference.dicom_output import secondary_capture
 from inference.engine import Engine
-from inference.errors import DicomOutputError, ImageError, InferenceFailedError, UnknownBodyPartError
+from inference.errors import DicomOutputError, ImageError, InferenceFailedError, UnknownBodyPartError, shortened
 from inference.events import PredictorEvents
 from inference.heatmap import HeadBank, grad_cam, overlay, png_bytes
 from inference.memory_budget import ByteBudget
@@ -41,10 +41,6 @@ from inference.preprocessing import PreparedImage
 from inference.results import DicomAnswer, HeatmapAnswer, ImagePrediction, StudyResponse, Timings
 
 log = logging.getLogger(__name__)
-
-# A client's value quoted in an error is cut to this many characters (its length said): every door passes the
-# message on, and a 900 KB body_part came back whole. The HTTP door's `service.errors.shorten` keeps the same form.
-MAX_QUOTED_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -194,7 +190,7 @@ class Predictor:
             for upload in uploads:
                 if upload.body_part is not None and upload.body_part not in self.manifest.body_parts:
                     raise UnknownBodyPartError(
-                        f"{upload.name}: unknown body_part {_shortened(upload.body_part)!r}; "
+                        f"{upload.name}: unknown body_part {shortened(upload.body_part)!r}; "
                         f"this bundle knows {self.manifest.body_parts}"
                     )
             started = time.perf_counter()
@@ -373,14 +369,6 @@ class Predictor:
         )
         elapsed_ms = (time.perf_counter() - started) * 1e3
         return [_Answer(p, elapsed_ms, len(items)) for p in predictions]
-
-
-def _shortened(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
-    """`value` whole when at most `limit` characters, else its start, an ellipsis and its length: `limit` at most."""
-    if len(value) <= limit:
-        return value
-    tail = f"… ({len(value):,} characters)"
-    return value[: max(0, limit - len(tail))] + tail
 
 
 def _p_under(prediction: ItemPrediction, part: str) -> float | None:

@@ -21,9 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from inference.answers import bundle_warnings, model_answer
+from inference.errors import shortened
 from inference.predictor import AnswerTicket, Predictor, Upload, release_all
 from inference.results import StudyResponse
-from service.errors import ServiceError, shorten, validation_reasons
+from service.errors import ServiceError, validation_reasons
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, ModelsResponse, PredictJSONRequest, PredictResponse
 from service.security import ApiKeyDep
@@ -160,7 +161,7 @@ async def admitted(
         raise ServiceError(
             415,
             "unsupported_media_type",
-            f"content-type {shorten(media_type) or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
+            f"content-type {shortened(media_type) or '(none)'} not accepted; send {sorted(ACCEPTED_MEDIA_TYPES)}",
         )
     declared = request.headers.get("content-length", "")
     limits = UploadLimits(settings.max_upload_bytes, settings.upload_timeout_s, settings.upload_min_bytes_per_s)
@@ -188,11 +189,11 @@ async def admitted(
 def _echo_safe(upload: Upload) -> Upload:
     """The upload with its name and body part short enough to echo in an answer or an error.
 
-    A body part longer than `ECHO_CHARS` is no body part of any bundle; shortened, it still is none (it ends
+    A body part longer than `QUOTED_CHARS` is no body part of any bundle; shortened, it still is none (it ends
     in "characters)"), so the core refuses it as before, quoting it short. Names are cut at `MAX_NAME_CHARS`.
     """
-    body_part = None if upload.body_part is None else shorten(upload.body_part)
-    name = shorten(upload.name, MAX_NAME_CHARS)
+    body_part = None if upload.body_part is None else shortened(upload.body_part)
+    name = shortened(upload.name, MAX_NAME_CHARS)
     if body_part == upload.body_part and name == upload.name:
         return upload
     return dataclasses.replace(upload, name=name, body_part=body_part)

@@ -2,8 +2,9 @@
 
 `http_error()` turns any error the core raises into a `ServiceError` (status, stable code, reason, headers);
 the HTTP routes raise ServiceError themselves only for what is HTTP's own (media types, bodies, API keys).
-What a client sent is echoed in a reason at most `ECHO_CHARS` long (`shorten`), and no reason is longer than
-`MAX_REASON_CHARS`: a 900 KB body part once came back in a 900 KB 422.
+What a client sent is echoed in a reason at most `QUOTED_CHARS` long (`inference.errors.shortened`, as the
+core's own reasons quote it), and no reason is longer than `MAX_REASON_CHARS`: a 900 KB body part once came
+back in a 900 KB 422.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference.batching import BatcherClosedError, QueueFullError
 from inference.errors import (
+    QUOTED_CHARS,
     DicomOutputError,
     ImageError,
     ImageTooLargeError,
@@ -24,6 +26,7 @@ from inference.errors import (
     UnknownBodyPartError,
     UnsupportedImageFormatError,
     forget_traceback,
+    shortened,
 )
 
 if TYPE_CHECKING:
@@ -31,23 +34,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ECHO_CHARS = 100  # a value the client sent, as an error reason may quote it
 MAX_REASON_CHARS = 2_000  # a whole reason, whatever it quotes (the core's messages, validation errors)
-
-
-def shorten(value: str, limit: int = ECHO_CHARS) -> str:
-    """`value` whole when at most `limit` characters, else its start, an ellipsis and its length: `limit` at most."""
-    if len(value) <= limit:
-        return value
-    tail = f"… ({len(value):,} characters)"
-    return value[: max(0, limit - len(tail))] + tail
 
 
 class ServiceError(Exception):
     """An error with an HTTP status, a stable code and a human reason."""
 
     def __init__(self, status: int, code: str, reason: str, headers: dict[str, str] | None = None) -> None:
-        reason = shorten(reason, MAX_REASON_CHARS)
+        reason = shortened(reason, MAX_REASON_CHARS)
         super().__init__(reason)
         self.status = status
         self.code = code
@@ -113,7 +107,7 @@ _SHEDDING_CODES = frozenset({"overloaded", "shutting_down", "store_unavailable"}
 
 
 def error_body(status: int, code: str, reason: str) -> dict[str, object]:
-    return {"detail": shorten(reason, MAX_REASON_CHARS), "code": code, "status": status}
+    return {"detail": shortened(reason, MAX_REASON_CHARS), "code": code, "status": status}
 
 
 def validation_reasons(errors: Sequence[Mapping[str, Any]], where: str = "") -> str:
@@ -123,8 +117,8 @@ def validation_reasons(errors: Sequence[Mapping[str, Any]], where: str = "") -> 
     own words but for a validator's, which may quote the input.
     """
     return "; ".join(
-        f"{shorten('.'.join(str(p) for p in e.get('loc', ())) or where)}: "
-        f"{shorten(str(e.get('msg', 'invalid')), 3 * ECHO_CHARS)}"
+        f"{shortened('.'.join(str(p) for p in e.get('loc', ())) or where)}: "
+        f"{shortened(str(e.get('msg', 'invalid')), 3 * QUOTED_CHARS)}"
         for e in errors
     )
 

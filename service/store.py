@@ -63,6 +63,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from inference.backoff import retry_delay_s
 from service.store_file import (
     SQLITE_BUSY_TIMEOUT_S,
     DatabaseFile,
@@ -83,7 +84,6 @@ MIGRATION_TIMEOUT_S = 30.0  # connecting, waiting for another replica's migratio
 MIGRATION_LOCK_KEY = 0x6266642D6D696772
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 30.0
-MAX_BACKOFF_DOUBLINGS = 64  # 2**64 times any sane initial back-off is past any maximum, far from overflowing
 POOL_TIMEOUT_S = 30.0  # a SQLite call waits this long for the store's one connection: concurrent posts queue
 # The largest id and offset the store is asked for: `analyses.id` is a 32-bit integer in PostgreSQL.
 MAX_ROW_NUMBER = 2**31 - 1
@@ -320,7 +320,7 @@ class ResultsStore:
             log.debug("results store still unavailable (%s)", type(error).__name__)
             return
         self._failures += 1
-        delay_s = backoff_delay_s(self._failures, self.backoff_initial_s, self.backoff_max_s)
+        delay_s = retry_delay_s(self._failures, self.backoff_initial_s, self.backoff_max_s)
         self._retry_at = now + delay_s
         detail = _first_line(getattr(error, "orig", None) or error)
         if quiet:
@@ -492,16 +492,6 @@ class ResultsStore:
             with contextlib.suppress(OSError):
                 self._file.set_aside_wal()
             release(self._file.path, self)
-
-
-def backoff_delay_s(failures: int, initial_s: float, max_s: float) -> float:
-    """The back-off after `failures` failed calls in a row: `initial_s` doubling per failure, up to `max_s`.
-
-    The exponent is capped (as `dicom_node.sender.retry_delay_s` caps the delivery retries'): `2.0 ** 1024`
-    overflows, and a database down for a weekend at one probe per `max_s` fails more often than that.
-    """
-    doublings = min(max(failures - 1, 0), MAX_BACKOFF_DOUBLINGS)
-    return min(max_s, initial_s * 2.0**doublings)
 
 
 def _retry_message(seconds: int) -> str:

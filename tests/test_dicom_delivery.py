@@ -31,7 +31,7 @@ from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicom_node.delivery import Delivered, DeliveryError, deliver
 from dicom_node.destination import Destination
-from dicom_node.sender import retry_delay_s
+from inference.backoff import retry_delay_s
 from loadtest.dicom_studies import (
     CR_IMAGE_STORAGE,
     CT_IMAGE_STORAGE,

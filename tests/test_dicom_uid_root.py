@@ -8,7 +8,6 @@ studies); every UID in them (sequences included) is either one of the sources', 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import subprocess
@@ -21,20 +20,18 @@ import pytest
 from factories import build_tiny_bundle
 from pydicom.dataset import Dataset
 from pydicom.uid import PYDICOM_ROOT_UID
+from test_dicom_objects import run_core
 
 from inference.bundle import load_bundle
-from inference.config import PredictorConfig
 from inference.dicom_objects import Algorithm, ImageFinding, result_objects
 from inference.dicom_objects.uids import DEFAULT_UID_ROOT, UID_ROOT_MAX_CHARS, new_uid, uid_root_problem
 from inference.dicom_output import secondary_capture
-from inference.predictor import Predictor, Upload
 from inference.results import StudyAnswer
 from loadtest.dicom_studies import make_study, part10_bytes
 
 ROOT = "1.2.3.4.5.6.7"  # a root for the test: any well-formed one
 STANDARD = "1.2.840.10008."  # UIDs the standard defines: SOP classes, transfer syntaxes, coding resources
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = PredictorConfig(decode_threads=1, decode_processes=0, intra_op_threads=1)
 
 
 def uids_in(dataset: Dataset) -> Iterable[str]:
@@ -70,25 +67,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[ImageFinding],
     """A CR and a DX of one study through the real core: findings with heatmaps, the study's answer."""
     bundle = build_tiny_bundle(tmp_path_factory.mktemp("uid-root") / "tiny")
     files = [part10_bytes(ds) for ds in make_study(2, modality="mixed", body_parts=["hand"])]
-
-    async def run() -> tuple[list[ImageFinding], StudyAnswer, Algorithm]:
-        predictor = Predictor(load_bundle(bundle), CONFIG)
-        await predictor.start()
-        try:
-            uploads = [Upload(data, f"image{i}.dcm", heatmap=True, dicom=True) for i, data in enumerate(files)]
-            results = await predictor.run_images(predictor.admit(len(uploads)), uploads)
-            answers = [await predictor.answer(result) for result in results]
-            answer = (await predictor.study_of(results, answers)).study
-            findings = []
-            for result, image in zip(results, answers, strict=True):
-                cam, rgb = predictor.overlay(result)
-                assert result.prepared.dicom is not None
-                findings.append(ImageFinding(result.prepared.dicom.dataset, image, cam, rgb))
-            return findings, answer, predictor.algorithm
-        finally:
-            await predictor.stop()
-
-    return asyncio.run(run())
+    findings, answer = run_core(bundle, files)
+    return findings, answer, Algorithm.of_bundle(load_bundle(bundle))
 
 
 def test_every_new_uid_of_the_result_objects_is_under_the_configured_root(

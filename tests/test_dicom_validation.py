@@ -34,6 +34,7 @@ from factories import build_tiny_bundle
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pynetdicom import AE, evt
+from test_dicom_loops import c_store
 from test_dicom_uid_root import uids_in, uids_outside
 
 from loadtest.dicom_studies import LATIN1, UTF8, make_study, part10_bytes
@@ -204,19 +205,6 @@ class Collector:
         return [data for data in received if pydicom.dcmread(io.BytesIO(data)).StudyInstanceUID == study_uid]
 
 
-def send(port: int, datasets: Sequence[Dataset]) -> list[int]:
-    """C-STORE from a pynetdicom SCU: the status of each."""
-    ae = AE(ae_title=SCU_AE)
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", port, ae_title="BFD")
-    assert assoc.is_established, "association with the node not established"
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
-
-
 @dataclass(frozen=True)
 class Produced:
     sources: dict[str, list[Dataset]]  # by study name
@@ -255,7 +243,7 @@ def produced(tmp_path_factory: pytest.TempPathFactory) -> Produced:
         }
         with bfd_serve(bundle, folder / "serve", env=env) as server:
             for study in studies.values():
-                assert send(port, study) == [0x0000] * len(study)
+                assert c_store(port, study, SCU_AE) == [0x0000] * len(study)
             objects = {name: _wait_for_results(collector, study, server) for name, study in studies.items()}
             objects["http"] = [_http_secondary_capture(server, ds) for ds in (studies["utf8"][0], studies["latin1"][1])]
     return Produced(studies, objects, folder)

@@ -2,8 +2,8 @@
 
 - `inference/` (the core) imports no web framework, database, metrics library or TensorFlow, and nothing of
   `service`, `clients`, `training`, `export`, `desktop` or `loadtest`;
-- `inference.batching`, `inference.service_rate`, `inference.memory_budget` and `inference.worker_pool` import
-  only the standard library (and one another);
+- `inference.batching`, `inference.service_rate`, `inference.memory_budget`, `inference.worker_pool` and
+  `inference.backoff` import only the standard library (and one another);
 - `service/` (the HTTP door) and `clients/` import no TensorFlow and nothing of `training` or `export`;
 - `training/`, `export/`, `desktop/`, `loadtest/` and `clients/` import the core, never the HTTP service;
 - no project module takes part in an import cycle.
@@ -56,7 +56,13 @@ FORBIDDEN = {
     "desktop": {*TENSORFLOW, *WEB_AND_STORE, "service", "training", "export", "loadtest"},
     "loadtest": {"service.main", "service.api", "service.predictor", "training", "clients", "desktop"},
 }
-STDLIB_ONLY = ("inference.batching", "inference.service_rate", "inference.memory_budget", "inference.worker_pool")
+STDLIB_ONLY = (
+    "inference.batching",
+    "inference.service_rate",
+    "inference.memory_budget",
+    "inference.worker_pool",
+    "inference.backoff",
+)
 
 
 def modules_of(package: str) -> list[str]:

@@ -29,6 +29,7 @@ from factories import build_tiny_bundle, encode_png, image_for_part, serving
 from sqlalchemy import create_engine
 from test_store_faults import SteppedClock
 
+from inference.backoff import retry_delay_s as backoff_delay_s
 from loadtest.servers import Server, bfd_serve
 from service.store import (
     BACKOFF_MAX_S,
@@ -36,7 +37,6 @@ from service.store import (
     NewAnalysis,
     ResultsStore,
     StoreUnavailableError,
-    backoff_delay_s,
 )
 
 pytestmark = pytest.mark.anyio
