@@ -24,11 +24,12 @@ Each association refused here is one log line, its peer's text escaped (`dicom_n
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
@@ -180,7 +181,9 @@ class BoundedDUL(DULServiceProvider):
             pass
         self.event_queue.put("Evt17")  # the state machine closes the socket and tells the association
         if not self.requested:
-            self.to_user_queue.put(None)  # the acceptor waiting for an A-ASSOCIATE-RQ ends now, not in 30 s
+            # The acceptor waiting for an A-ASSOCIATE-RQ ends now, not in 30 s: pynetdicom reads None as "nothing
+            # came" (its queue's type names only PDUs, hence the cast).
+            cast("queue.Queue[Any]", self.to_user_queue).put(None)
 
 
 def bound(dul: DULServiceProvider, *, max_pdata_bytes: int, allowed_aes: tuple[str, ...], budget: PduCharge) -> None:
