@@ -27,8 +27,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what `pip install .` needs (the desktop client and the tests stay out of the server image).
-COPY pyproject.toml README.md ./
+# The dependencies first, in a layer of their own: it is rebuilt only when pyproject.toml changes, so a change
+# to the sources reinstalls the project alone (tests/test_container_image.py checks the layer is reused).
+COPY pyproject.toml deploy/project_requirements.py ./
+RUN python project_requirements.py pyproject.toml > requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt
+# Then only what `pip install .` needs (the desktop client and the tests stay out of the server image).
+COPY README.md ./
 COPY bfd/ bfd/
 COPY inference/ inference/
 COPY clients/ clients/
@@ -37,7 +42,7 @@ COPY service/ service/
 COPY export/ export/
 COPY training/ training/
 # pip check: every installed distribution's requirements are met (a broken environment fails the build).
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -I -c "import onnxruntime, service.main"
 

@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import httpx
 import pytest
 import yaml
 from podman_fixtures import (
+    BUILD_TIMEOUT_S,
     EMPTY_BUNDLE,
     ROOT,
     BuiltImage,
@@ -161,6 +163,47 @@ def test_no_tensorflow_and_pip_check_clean(image: BuiltImage) -> None:
     assert not installed & {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "tf-keras"}, installed
     probe = "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('tensorflow', 'keras')))"
     assert podman().run("run", "--rm", image.tag, "python", "-I", "-c", probe, check=False).returncode == 0
+
+
+def _build_steps(output: str) -> dict[str, str]:
+    """podman build's output by step: the instruction line ("RUN ...") to what followed it."""
+    steps: dict[str, str] = {}
+    for chunk in re.split(r"^(?:\[\d+/\d+\] )?STEP \d+/\d+: ", output, flags=re.MULTILINE)[1:]:
+        instruction, _, rest = chunk.partition("\n")
+        steps[instruction] = rest
+    return steps
+
+
+def test_a_source_change_reinstalls_the_project_alone(
+    image: BuiltImage, tmp_path: Path, figures: dict[str, str]
+) -> None:
+    """The dependencies have a layer of their own, taken from pyproject.toml before any source is copied: after a
+    change to the code, a rebuild reuses it and reinstalls only the project. The `image` build has just filled
+    the cache; this builds a copy of the tracked files with one source file changed."""
+    context = tmp_path / "context"
+    tracked = podman().command("git", "ls-files", "-z").stdout.split("\0")
+    for relative in filter(None, tracked):
+        source = ROOT / relative
+        if source.is_file():
+            (context / relative).parent.mkdir(parents=True, exist_ok=True)
+            (context / relative).write_bytes(source.read_bytes())
+    changed = context / "inference" / "__init__.py"
+    # a change never built before (an earlier run's change would be found in the cache)
+    change = f"\n# a change to the sources: {uuid.uuid4()}\n"
+    changed.write_text(changed.read_text(encoding="utf-8") + change, encoding="utf-8")
+    tag = "localhost/bfd-test:source-change"
+    started = time.monotonic()
+    built = podman().run(
+        "build", "--format", "docker", "--tag", tag, "--build-arg", f"BUNDLE_DIR={EMPTY_BUNDLE}",
+        "--file", str(ROOT / "Dockerfile"), str(context), timeout=BUILD_TIMEOUT_S,
+    )  # fmt: skip
+    figures["rebuild after a source change"] = f"{time.monotonic() - started:.1f} s"
+    podman().run("rmi", "--force", tag, check=False)
+    steps = _build_steps(built.stdout + built.stderr)
+    (dependencies,) = [rest for instruction, rest in steps.items() if "--requirement" in instruction]
+    (project,) = [rest for instruction, rest in steps.items() if "--no-deps" in instruction]
+    assert "Using cache" in dependencies, dependencies
+    assert "Using cache" not in project, project
 
 
 def test_no_bundle_image_refuses_to_start_naming_the_missing_file() -> None:

@@ -37,6 +37,8 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
+# `pip install .` of the project itself, with any options (--no-cache-dir, --no-deps)
+PROJECT_INSTALL = r"pip install (--[\w-]+ )*\.(\s|$)"
 # The postgres:16 stand-in for the Compose test and air-gapped hosts (deploy/podman/stand-in-postgres.sh).
 POSTGRES_STAND_IN = "deploy/podman/postgres.Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -155,8 +157,33 @@ def test_no_syntax_directive(dockerfile: str) -> None:
 def test_pip_check_after_the_install(dockerfile: str) -> None:
     (install,) = [run for run in _values(_stages(dockerfile)[0], "RUN") if re.search(r"pip install .*\s\.(\s|$)", run)]
     steps = [step.strip() for step in install.split("&&")]
-    project = next(i for i, step in enumerate(steps) if re.search(r"pip install (--no-cache-dir )?\.(\s|$)", step))
+    project = next(i for i, step in enumerate(steps) if re.search(PROJECT_INSTALL, step))
     assert any(re.fullmatch(r"\S*pip check", step) for step in steps[project + 1 :]), "pip check after pip install ."
+
+
+def test_dependencies_are_installed_before_the_sources_are_copied(dockerfile: str) -> None:
+    """A layer of their own, from pyproject.toml alone: a source change then reinstalls the project only (the
+    CPU image's rebuild is checked for real in test_container_image.py). The project goes in without them."""
+    build = _stages(dockerfile)[0]
+    names = [(item["instruction"], item["value"]) for item in build]
+    dependencies = next(i for i, (name, value) in enumerate(names) if name == "RUN" and "--requirement" in value)
+    assert "project_requirements.py" in names[dependencies][1]
+    first_source = next(i for i, (name, value) in enumerate(names) if name == "COPY" and "inference/" in value)
+    assert dependencies < first_source
+    copied_before = " ".join(value for name, value in names[:dependencies] if name == "COPY")
+    assert set(copied_before.split()) <= {"pyproject.toml", "deploy/project_requirements.py", "./"}, copied_before
+    (project,) = [value for name, value in names if name == "RUN" and re.search(PROJECT_INSTALL, value)]
+    assert "--no-deps" in project, project
+
+
+def test_project_requirements_are_the_serving_dependencies() -> None:
+    """What the images install first is [project].dependencies, as the script run in the build prints it."""
+    printed = subprocess.run(
+        [sys.executable, "deploy/project_requirements.py", "pyproject.toml"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert printed == _pyproject()["project"]["dependencies"]
+    assert not any(Requirement(line).name in ("tensorflow", "tf2onnx") for line in printed)
 
 
 def test_runs_as_a_fixed_non_root_uid(dockerfile: str) -> None:
@@ -254,7 +281,7 @@ def test_serving_install_only(dockerfile: str) -> None:
     for forbidden in ("tensorflow", "tf2onnx", "[export", "[train", "[evaluate", "[test"):
         assert forbidden not in lowered, f"{forbidden!r} in a serving image"
     runs = [run for stage in _stages(dockerfile) for run in _values(stage, "RUN")]
-    assert any(re.search(r"pip install (--no-cache-dir )?\.(\s|$)", run) for run in runs), "pip install . expected"
+    assert any(re.search(PROJECT_INSTALL, run) for run in runs), "pip install . expected"
     assert not any(re.search(r"\s\.\[", run) for run in runs), "the project is installed without extras"
 
 
@@ -320,27 +347,35 @@ def test_gpu_image_installs_a_matching_onnxruntime_gpu_instead_of_onnxruntime(tm
     ort_gpu = Version(_arg_default(text, "ONNXRUNTIME_GPU_VERSION"))
     assert cuda_major == (13 if ort_gpu >= ORT_GPU_FIRST_CUDA13 else 12), f"onnxruntime-gpu {ort_gpu} on CUDA {base}"
 
-    (install,) = [run for run in _values(_stages(text)[0], "RUN") if "onnxruntime-gpu" in run]
-    steps = [step.strip() for step in install.split("&&")]
-    assert not any("pip uninstall" in step for step in steps), "the CPU wheel should never be installed to be removed"
-    project = next(i for i, step in enumerate(steps) if re.search(r"pip install (--no-cache-dir )?\. ", step))
-    # the project and the pinned GPU wheel in one resolution: nothing else can pull the CPU wheel in
-    assert steps[project].endswith(' . "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"'), steps[project]
-    assert "pip check" in " ".join(steps[project + 1 :])
-    assert "CUDAExecutionProvider" in steps[-1], "the build should check that the CUDA provider is there"
+    runs = _values(_stages(text)[0], "RUN")
+    (install,) = [run for run in runs if "onnxruntime-gpu" in run]
+    steps = [" ".join(step.split()) for step in install.split("&&")]
+    assert not any("pip uninstall" in step for step in runs), "the CPU wheel should never be installed to be removed"
+    dependencies = next(i for i, step in enumerate(steps) if "pip install" in step)
+    # the dependencies and the pinned GPU wheel in one resolution: nothing else can pull the CPU wheel in
+    assert steps[dependencies].endswith('--requirement requirements.txt "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"')
+    (project,) = [run for run in runs if re.search(PROJECT_INSTALL, run)]
+    project_steps = [step.strip() for step in project.split("&&")]
+    assert "--no-deps" in project_steps[0], project_steps[0]
+    assert "pip check" in " ".join(project_steps[1:])
+    assert "CUDAExecutionProvider" in project_steps[-1], "the build should check that the CUDA provider is there"
 
-    # The build's own rewrite of pyproject.toml (its sed, run by the real sed on a copy) must leave the project
-    # requiring onnxruntime-gpu, in a range that holds the pinned version, and onnxruntime not at all.
-    (rewrite,) = [step for step in steps[:project] if step.startswith("sed ")]
+    # The build's own rewrite of pyproject.toml and the requirements it then installs (its sed and the script,
+    # run for real on a copy) must require onnxruntime-gpu, in a range that holds the pinned version, and
+    # onnxruntime not at all; the project installed afterwards carries the same rewritten metadata.
     copy_dir = tmp_path / "src"
     copy_dir.mkdir()
     shutil.copy(ROOT / "pyproject.toml", copy_dir / "pyproject.toml")
+    shutil.copy(ROOT / "deploy" / "project_requirements.py", copy_dir / "project_requirements.py")
+    rewrite = " && ".join(steps[:dependencies]).replace("/opt/venv/bin/python", shlex.quote(sys.executable))
     result = subprocess.run(["sh", "-c", rewrite], cwd=copy_dir, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+    installed = {req.name: req for req in map(Requirement, (copy_dir / "requirements.txt").read_text().split())}
+    assert "onnxruntime" not in installed
+    assert ort_gpu in installed["onnxruntime-gpu"].specifier
     rewritten = tomllib.loads((copy_dir / "pyproject.toml").read_text(encoding="utf-8"))
     requirements = {req.name: req for req in map(Requirement, rewritten["project"]["dependencies"])}
-    assert "onnxruntime" not in requirements
-    assert ort_gpu in requirements["onnxruntime-gpu"].specifier
+    assert requirements == installed
     assert rewritten["project"]["optional-dependencies"] == _pyproject()["project"]["optional-dependencies"]
 
     envs = parser.envs
