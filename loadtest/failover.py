@@ -418,40 +418,31 @@ async def run(plan: Plan) -> Json:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Options left out are left out of the namespace too: Plan's defaults are the run's (one place)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
+    )
     parser.add_argument("--postgres", required=True, help="postgresql+asyncpg:// URL of the server (any database)")
     parser.add_argument("--bundle", type=Path, default=Path("models/demo"))
-    parser.add_argument("--images", type=Path, default=XRAY)
-    parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--duration-s", type=float, default=60.0)
-    parser.add_argument("--kill-at-s", type=float, default=20.0)
-    parser.add_argument("--dicom-lead-s", type=float, default=10.0, help="the study goes to r1 this long before")
-    parser.add_argument("--load-fraction", type=float, default=0.7)
+    parser.add_argument("--images", type=Path, help="radiographs, by part (default: tests/data/xray)")
+    parser.add_argument("--replicas", type=int, help=f"default {Plan.replicas}")
+    parser.add_argument("--duration-s", type=float, help=f"default {Plan.duration_s:g}")
+    parser.add_argument("--kill-at-s", type=float, help=f"default {Plan.kill_at_s:g}")
+    parser.add_argument(
+        "--dicom-lead-s", type=float, help=f"the study goes to r1 this long before (default {Plan.dicom_lead_s:g})"
+    )
+    parser.add_argument("--load-fraction", type=float, help=f"default {Plan.load_fraction:g}")
     parser.add_argument("--rate", type=float, help="requests/s instead of measuring capacity")
-    parser.add_argument("--capacity-s", type=float, default=10.0)
-    parser.add_argument("--dicom-images", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity-s", type=float, help=f"default {Plan.capacity_s:g}")
+    parser.add_argument("--dicom-images", type=int, help=f"default {Plan.dicom_images}")
+    parser.add_argument("--seed", type=int, help=f"default {Plan.seed}")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results/failover"))
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    plan = Plan(
-        bundle=args.bundle,
-        postgres=args.postgres,
-        folder=args.out,
-        images=args.images,
-        replicas=args.replicas,
-        duration_s=args.duration_s,
-        kill_at_s=args.kill_at_s,
-        dicom_lead_s=args.dicom_lead_s,
-        load_fraction=args.load_fraction,
-        rate=args.rate,
-        capacity_s=args.capacity_s,
-        dicom_images=args.dicom_images,
-        seed=args.seed,
-    )
+    plan = Plan(folder=args.out, **{name: value for name, value in vars(args).items() if name != "out"})
     args.out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(run(plan))
     (args.out / "failover.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -119,18 +119,23 @@ class BuiltImage:
     tag: str
     build_s: float  # wall time of deploy/podman/build.sh: cold (no layers cached) or not, as it happened
     size_bytes: int
+    output: str  # what the build printed, step by step ("Using cache" where a layer was reused)
 
 
 @functools.cache
-def service_image(tag: str, bundle_dir: str = "models/demo") -> BuiltImage:
-    """The unmodified ./Dockerfile built by deploy/podman/build.sh (Docker format), on base_image()."""
-    if bundle_dir == "models/demo" and not (DEMO_BUNDLE / "manifest.json").is_file():
+def service_image(tag: str, bundle_dir: str = "models/demo", context: Path = ROOT) -> BuiltImage:
+    """The unmodified ./Dockerfile built by deploy/podman/build.sh (Docker format), on base_image(); `context`:
+    another build context (a copy of the repository), built with its own Dockerfile."""
+    if bundle_dir == "models/demo" and not (context / DEMO_BUNDLE.relative_to(ROOT) / "manifest.json").is_file():
         skip_or_fail("models/demo has no bundle: run `make bundle` (make test does)")
     base_image()
     started = time.monotonic()
-    podman().command(str(SCRIPTS / "build.sh"), tag, "--build-arg", f"BUNDLE_DIR={bundle_dir}", timeout=BUILD_TIMEOUT_S)
+    built = podman().command(
+        str(SCRIPTS / "build.sh"), tag, "--build-arg", f"BUNDLE_DIR={bundle_dir}",
+        timeout=BUILD_TIMEOUT_S, env={"BFD_BUILD_CONTEXT": str(context)},
+    )  # fmt: skip
     build_s = time.monotonic() - started
-    return BuiltImage(tag, build_s, int(podman().inspect("image", tag)["Size"]))
+    return BuiltImage(tag, build_s, int(podman().inspect("image", tag)["Size"]), built.stdout + built.stderr)
 
 
 @dataclass

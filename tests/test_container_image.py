@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,8 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from in_flight import predictions_in_flight
 from podman_fixtures import (
-    BUILD_TIMEOUT_S,
     EMPTY_BUNDLE,
     ROOT,
     BuiltImage,
@@ -191,15 +190,10 @@ def test_a_source_change_reinstalls_the_project_alone(
     # a change never built before (an earlier run's change would be found in the cache)
     change = f"\n# a change to the sources: {uuid.uuid4()}\n"
     changed.write_text(changed.read_text(encoding="utf-8") + change, encoding="utf-8")
-    tag = "localhost/bfd-test:source-change"
-    started = time.monotonic()
-    built = podman().run(
-        "build", "--format", "docker", "--tag", tag, "--build-arg", f"BUNDLE_DIR={EMPTY_BUNDLE}",
-        "--file", str(ROOT / "Dockerfile"), str(context), timeout=BUILD_TIMEOUT_S,
-    )  # fmt: skip
-    figures["rebuild after a source change"] = f"{time.monotonic() - started:.1f} s"
-    podman().run("rmi", "--force", tag, check=False)
-    steps = _build_steps(built.stdout + built.stderr)
+    rebuilt = service_image("localhost/bfd-test:source-change", EMPTY_BUNDLE, context)
+    figures["rebuild after a source change"] = f"{rebuilt.build_s:.1f} s"
+    podman().run("rmi", "--force", rebuilt.tag, check=False)
+    steps = _build_steps(rebuilt.output)
     (dependencies,) = [rest for instruction, rest in steps.items() if "--requirement" in instruction]
     (project,) = [rest for instruction, rest in steps.items() if "--no-deps" in instruction]
     assert "Using cache" in dependencies, dependencies
@@ -219,35 +213,17 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(image: BuiltImage, 
     name = f"bfd-test-drain-{os.getpid()}"
     with running(image.tag, name, *HARDENED, *PATIENT) as container:
         wait_ready(container)
-        data = _radiograph().read_bytes()
-        statuses: list[int] = []
-        finished: list[float] = []
-        connected = threading.Barrier(17)
-
-        def post() -> None:
-            with httpx.Client(timeout=120) as client:
-                client.get(f"{container.url}/healthz")  # the connection is open before the signal
-                connected.wait(timeout=30)
-                statuses.append(client.post(f"{container.url}/v1/predict", files={"file": ("x.jpg", data)}).status_code)
-                finished.append(time.monotonic())
-
-        threads = [threading.Thread(target=post) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        connected.wait(timeout=30)
-        time.sleep(0.3)  # 16 ResNet50 inferences queued or running: more than a second of work on 2 cores
-        grace_s = _stop_grace_s()
-        signalled = time.monotonic()
-        # podman stop sends the image's STOPSIGNAL (SIGTERM) and waits up to --time before SIGKILL
-        podman().run("stop", "--time", str(int(grace_s)), name, timeout=grace_s + 30)
-        drain_s = time.monotonic() - signalled
-        for thread in threads:
-            thread.join(timeout=120)
+        with predictions_in_flight(container.url, _radiograph().read_bytes(), 16) as burst:
+            grace_s = _stop_grace_s()
+            signalled = time.monotonic()
+            # podman stop sends the image's STOPSIGNAL (SIGTERM) and waits up to --time before SIGKILL
+            podman().run("stop", "--time", str(int(grace_s)), name, timeout=grace_s + 30)
+            drain_s = time.monotonic() - signalled
         state = podman().inspect("container", name)["State"]
         log = container.logs()
     figures["SIGTERM drain (podman stop, 16 requests in flight, to exit)"] = f"{drain_s:.1f} s"
-    assert statuses == [200] * 16, statuses
-    assert max(finished) > signalled, "nothing was in flight when the signal came"
+    assert burst.statuses == [200] * 16, burst.statuses
+    assert max(burst.finished) > signalled, "nothing was in flight when the signal came"
     assert state["ExitCode"] == 0, f"exit {state['ExitCode']}:\n{log[-3000:]}"
     assert drain_s < grace_s
     assert re.search(r"Application shutdown complete", log), log[-3000:]

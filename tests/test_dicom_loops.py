@@ -21,6 +21,9 @@ import pydicom
 import pytest
 from factories import build_tiny_bundle
 from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage as SR_CLASS
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GSPS_CLASS
+from pydicom.uid import SecondaryCaptureImageStorage as SC_CLASS
 from pynetdicom import AE
 
 from dicom_node.config import NodeConfig
@@ -36,9 +39,6 @@ from service.outbox import StoreOutbox
 from service.store import ResultsStore
 
 pytestmark = pytest.mark.anyio
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,9 @@ from factories import build_tiny_bundle
 from orthanc_fixtures import skip_or_fail
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
+from pydicom.uid import ComprehensiveSRStorage as SR_CLASS
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GSPS_CLASS
+from pydicom.uid import SecondaryCaptureImageStorage as SC_CLASS
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -37,9 +40,6 @@ from loadtest.dicom_studies import make_study, part10_bytes, unsupported_instanc
 from loadtest.orthanc import OrthancServer
 from loadtest.servers import Server, bfd_serve, free_port
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 PATIENT_NAME = "Müller^Jürgen"
 SCU_AE = "BFDTESTSCU"
 

@@ -33,6 +33,9 @@ import pytest
 from factories import build_tiny_bundle
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ComprehensiveSRStorage as SR_CLASS
+from pydicom.uid import GrayscaleSoftcopyPresentationStateStorage as GSPS_CLASS
+from pydicom.uid import SecondaryCaptureImageStorage as SC_CLASS
 from pynetdicom import AE, evt
 from test_dicom_loops import c_store
 from test_dicom_uid_root import uids_in, uids_outside
@@ -41,9 +44,6 @@ from loadtest.dicom_studies import LATIN1, UTF8, make_study, part10_bytes
 from loadtest.servers import Server, bfd_serve, free_port
 
 REQUIRE_ENV = "BFD_REQUIRE_DICOM3TOOLS"
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 RESULT_CLASSES = (SR_CLASS, GSPS_CLASS, SC_CLASS)
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 COLLECTOR_AE = "COLLECTOR"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from in_flight import predictions_in_flight
 
 from loadtest.servers import BFD, Server, bfd_serve
 
@@ -141,33 +142,13 @@ def test_clinical_features_on_the_demo_bundle(server: Server) -> None:
 
 def test_sigterm_drains_in_flight_requests_then_exits(server: Server) -> None:
     """Requests admitted before SIGTERM are all answered (graceful drain), then the process exits."""
-    import threading
-
     process, url = server.process, server.url
     path = sorted(XRAY.rglob("*.jpg"))[0]
-    data = path.read_bytes()
-    statuses: list[int] = []
-    finished: list[float] = []
-    connected = threading.Barrier(25)
-
-    def post() -> None:
-        with httpx.Client(timeout=120) as client:
-            client.get(f"{url}/healthz")  # the connection is open before the signal
-            connected.wait(timeout=30)
-            statuses.append(client.post(f"{url}/v1/predict", files={"file": (path.name, data)}).status_code)
-            finished.append(time.monotonic())
-
-    threads = [threading.Thread(target=post) for _ in range(24)]
-    for thread in threads:
-        thread.start()
-    connected.wait(timeout=30)
-    time.sleep(0.3)  # 24 ResNet50 inferences are queued or running (about a second of work here)
-    process.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert statuses == [200] * 24
-    assert max(finished) > signalled  # some were still queued or running when the signal came
+    with predictions_in_flight(url, path.read_bytes(), 24, path.name) as burst:
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+    assert burst.statuses == [200] * 24
+    assert max(burst.finished) > signalled  # some were still queued or running when the signal came
     # uvicorn drains, runs the lifespan shutdown (the batcher drains), then re-raises the signal.
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in server.log_text()

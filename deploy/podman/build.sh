@@ -5,6 +5,7 @@
 #   deploy/podman/build.sh bfd:cpu
 #   deploy/podman/build.sh bfd:cpu-nobundle --build-arg BUNDLE_DIR=deploy/empty-bundle
 #   deploy/podman/build.sh bfd:gpu -f Dockerfile.gpu
+#   BFD_BUILD_CONTEXT=/path/to/a/copy deploy/podman/build.sh bfd:copy   # another build context (its Dockerfile)
 #
 # --format docker: podman builds OCI images by default, and OCI has no HEALTHCHECK (dropped with a warning).
 # The base image must be there or pullable: deploy/podman/stand-in-base.sh makes a stand-in where Docker Hub
@@ -15,4 +16,4 @@ set -euo pipefail
 tag=$1
 shift
 cd "$(dirname "$0")/../.."
-exec podman build --format docker --tag "$tag" "$@" .
+exec podman build --format docker --tag "$tag" "$@" "${BFD_BUILD_CONTEXT:-.}"
