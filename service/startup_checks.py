@@ -38,6 +38,7 @@ OTHER_BFD_VARIABLES = frozenset(
         "BFD_REQUIRE_DICOM3TOOLS",  # tests/test_dicom_validation.py: dciodvfy must run
         "BFD_REQUIRE_CONTAINER",  # tests/podman_fixtures.py: the image and Compose tests must run
         "BFD_REQUIRE_HAPROXY",  # tests/test_replicas.py: replicas behind HAProxy must run
+        "BFD_BUILD_CONTEXT",  # deploy/podman/build.sh: another build context (tests/podman_fixtures.py)
         "BFD_ORTHANC_BINARY",  # loadtest/orthanc.py
         "BFD_ORTHANC_DICOMWEB_PLUGIN",
         "BFD_CHROMIUM",  # tests/test_web_ui.py
